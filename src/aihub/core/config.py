@@ -1,0 +1,181 @@
+"""Settings: one object read from the environment and `.env`, validated at start-up.
+
+Variable names are the original apps' own where they had one (`OPENAI_API_KEY`, `CLERK_JWKS_URL`,
+`DATABASE_URL`, ...), so an original `.env` works unchanged.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Literal
+
+from fastapi import Depends, Request
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+CommaList = Annotated[list[str], NoDecode]
+
+DEFAULT_CORS_ORIGINS = ["http://localhost:3000", "http://localhost:5173", "http://localhost:5174"]
+PROVIDER_NAMES = ("openai", "gemini", "replicate", "offline")
+
+
+class ConfigError(Exception):
+    """Configuration that cannot work; the message is one line per problem."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+
+    # Server
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    data_dir: Path = Path("data")
+    public_base_url: str | None = None
+    cors_origins: CommaList = Field(default_factory=lambda: list(DEFAULT_CORS_ORIGINS))
+    max_request_body_bytes: int = Field(default=1_048_576, ge=1024)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "console"] = "json"
+    sse_keepalive_seconds: float = Field(default=15.0, gt=0)
+
+    # Database
+    database_url: str | None = None
+    database_pool_size: int = Field(default=10, ge=1)
+    database_echo: bool = False
+
+    # Auth: Clerk
+    clerk_jwks_url: str | None = None
+    clerk_jwt_key: str | None = None
+    clerk_secret_key: SecretStr | None = None
+    clerk_webhook_secret: SecretStr | None = None
+    clerk_authorized_parties: CommaList = Field(default_factory=list)
+    clerk_jwks_cooldown_seconds: float = Field(default=30.0, ge=0)
+    clerk_jwks_timeout_seconds: float = Field(default=5.0, gt=0)
+    clerk_jwks_max_age_seconds: float = Field(default=3600.0, gt=0)
+
+    # Auth: local accounts and aihub's own tokens
+    auth_jwt_private_key: SecretStr | None = None
+    auth_token_ttl_seconds: int = Field(default=12 * 3600, ge=60)
+    auth_allow_registration: bool | None = None
+    jwt_leeway_seconds: int = Field(default=5, ge=0, le=120)
+
+    # Providers
+    openai_api_key: SecretStr | None = None
+    openai_base_url: str | None = None
+    gemini_api_key: SecretStr | None = None
+    gemini_base_url: str | None = None
+    replicate_api_token: SecretStr | None = None
+    replicate_base_url: str | None = None
+    provider_timeout_seconds: float = Field(default=60.0, gt=0)
+    provider_max_retries: int = Field(default=2, ge=0, le=10)
+    offline_token_delay_ms: int = Field(default=20, ge=0, le=5000)
+
+    # Products
+    ideas_model: str = "openai:gpt-5-nano"
+    ideas_prompt: str = (
+        "Come up with a new business idea for AI Agents. Format your answer in Markdown, "
+        "with headings, sub-headings and bullet points."
+    )
+    ideas_required_plan: str | None = None
+
+    @field_validator("cors_origins", "clerk_authorized_parties", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip().rstrip("/") for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator(
+        "database_url",
+        "clerk_jwks_url",
+        "clerk_jwt_key",
+        "openai_base_url",
+        "gemini_base_url",
+        "replicate_base_url",
+        "public_base_url",
+        "ideas_required_plan",
+        mode="before",
+    )
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("database_url")
+    @classmethod
+    def _async_driver(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        for prefix in ("postgres://", "postgresql://", "postgresql+psycopg2://"):
+            if value.startswith(prefix):
+                return "postgresql+asyncpg://" + value.removeprefix(prefix)
+        if value.startswith("sqlite:///"):
+            return "sqlite+aiosqlite:///" + value.removeprefix("sqlite:///")
+        if not value.startswith(("postgresql+asyncpg://", "sqlite+aiosqlite://")):
+            raise ValueError("must be a postgresql:// or sqlite:/// URL")
+        return value
+
+    @field_validator("ideas_model")
+    @classmethod
+    def _model_chain(cls, value: str) -> str:
+        parse_model_chain(value)
+        return value
+
+    @model_validator(mode="after")
+    def _cors_without_wildcard(self) -> Settings:
+        if "*" in self.cors_origins:
+            raise ValueError("CORS_ORIGINS may not contain '*': aihub sends credentials")
+        return self
+
+    @cached_property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'aihub.db').as_posix()}"
+
+    @property
+    def is_embedded(self) -> bool:
+        """True for the zero-configuration default: SQLite and no Clerk."""
+        return self.resolved_database_url.startswith("sqlite") and not self.clerk_configured
+
+    @property
+    def clerk_configured(self) -> bool:
+        return bool(self.clerk_jwks_url or self.clerk_jwt_key)
+
+    @property
+    def registration_open(self) -> bool:
+        if self.auth_allow_registration is None:
+            return self.is_embedded
+        return self.auth_allow_registration
+
+
+def parse_model_chain(spec: str) -> list[tuple[str, str]]:
+    """`"openai:gpt-5-nano,offline:demo"` -> `[("openai", "gpt-5-nano"), ("offline", "demo")]`."""
+    chain: list[tuple[str, str]] = []
+    for item in spec.split(","):
+        provider, sep, model = item.strip().partition(":")
+        if not sep or not model.strip():
+            raise ValueError(f"{item.strip()!r} is not of the form provider:model")
+        if provider not in PROVIDER_NAMES:
+            raise ValueError(f"unknown provider {provider!r} (one of {', '.join(PROVIDER_NAMES)})")
+        chain.append((provider, model.strip()))
+    return chain
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings, turning validation errors into one readable line per problem."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors(include_input=False, include_url=False):
+            name = ".".join(str(part) for part in error["loc"]).upper() or "settings"
+            problems.append(f"{name}: {error['msg']}")
+        raise ConfigError("invalid configuration\n  " + "\n  ".join(problems)) from None
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]

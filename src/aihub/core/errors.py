@@ -1,0 +1,157 @@
+"""One error tree and the handlers that render it.
+
+Services raise `AppError` subclasses; one handler renders `{"error": code, "detail": message}`.
+A route whose client cannot parse JSON errors (the ideas event stream) installs another renderer
+for its requests with `use_error_renderer`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response
+
+logger = logging.getLogger("aihub.errors")
+
+
+class AppError(Exception):
+    status_code: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+    default_message: ClassVar[str] = "Internal server error"
+
+    def __init__(self, message: str | None = None, *, headers: Mapping[str, str] | None = None):
+        self.message = message or self.default_message
+        self.headers = dict(headers or {})
+        super().__init__(self.message)
+
+
+class BadRequest(AppError):
+    status_code = 400
+    code = "bad_request"
+    default_message = "Bad request"
+
+
+class Unauthorized(AppError):
+    status_code = 401
+    code = "unauthorized"
+    default_message = "Not authenticated"
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
+class Forbidden(AppError):
+    status_code = 403
+    code = "forbidden"
+    default_message = "Not allowed"
+
+
+class NotFound(AppError):
+    status_code = 404
+    code = "not_found"
+    default_message = "Not found"
+
+
+class Conflict(AppError):
+    status_code = 409
+    code = "conflict"
+    default_message = "Conflict"
+
+
+class PayloadTooLarge(AppError):
+    status_code = 413
+    code = "payload_too_large"
+    default_message = "Request body too large"
+
+
+class Unprocessable(AppError):
+    status_code = 422
+    code = "validation_error"
+    default_message = "Invalid request"
+
+
+class TooManyRequests(AppError):
+    status_code = 429
+    code = "rate_limited"
+    default_message = "Too many requests"
+
+    def __init__(self, message: str | None = None, *, retry_after: int | None = None) -> None:
+        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+        super().__init__(message, headers=headers)
+
+
+class ServiceUnavailable(AppError):
+    status_code = 503
+    code = "service_unavailable"
+    default_message = "Service temporarily unavailable"
+
+
+ErrorRenderer = Callable[[int, str, str, Mapping[str, str]], Response]
+
+
+def render_json(status_code: int, code: str, detail: str, headers: Mapping[str, str]) -> Response:
+    return JSONResponse({"error": code, "detail": detail}, status_code, headers=dict(headers))
+
+
+def use_error_renderer(request: Request, renderer: ErrorRenderer) -> None:
+    """Make errors on this request render with `renderer` instead of JSON."""
+    request.state.error_renderer = renderer
+
+
+def _render(request: Request, status_code: int, code: str, detail: str, **extra: Any) -> Response:
+    renderer: ErrorRenderer = getattr(request.state, "error_renderer", render_json)
+    headers: Mapping[str, str] = extra.get("headers") or {}
+    return renderer(status_code, code, detail, headers)
+
+
+def describe_validation_errors(errors: list[Any]) -> str:
+    """A readable summary that never repeats what was submitted (it may be a secret)."""
+    parts = []
+    for error in errors:
+        location = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{location}: {error.get('msg', 'invalid')}")
+    return "; ".join(parts) or "Invalid request"
+
+
+async def handle_app_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, AppError)
+    return _render(request, exc.status_code, exc.code, exc.message, headers=exc.headers)
+
+
+async def handle_validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    detail = describe_validation_errors(list(exc.errors()))
+    renderer = getattr(request.state, "error_renderer", None)
+    if renderer is not None:
+        return _render(request, 422, "validation_error", detail)
+    fields = [
+        {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+        for e in exc.errors()
+    ]
+    return JSONResponse(
+        {"error": "validation_error", "detail": detail, "fields": fields}, status_code=422
+    )
+
+
+async def handle_http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(exc.status_code, "http_error")
+    detail = exc.detail if isinstance(exc.detail, str) else "Request failed"
+    return _render(request, exc.status_code, code, detail, headers=exc.headers or {})
+
+
+async def handle_unexpected_error(request: Request, exc: Exception) -> Response:
+    logger.exception("unhandled error", exc_info=exc)
+    return _render(request, 500, AppError.code, AppError.default_message)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(AppError, handle_app_error)
+    app.add_exception_handler(RequestValidationError, handle_validation_error)
+    app.add_exception_handler(StarletteHTTPException, handle_http_exception)
+    app.add_exception_handler(Exception, handle_unexpected_error)

@@ -1,0 +1,84 @@
+"""Structured logs with a request id on every line and secrets scrubbed from every line."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from contextvars import ContextVar
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
+
+# Patterns of credentials that must never reach a log line, whatever logged them.
+_SECRET_PATTERNS = [
+    re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+"),
+    re.compile(r"\beyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*"),
+    re.compile(r"\bsk-[A-Za-z0-9_-]{8,}"),
+    re.compile(r"\br8_[A-Za-z0-9]{8,}"),
+    re.compile(r"\bAIza[A-Za-z0-9_-]{20,}"),
+    re.compile(r"\b(?:sk|pk)_(?:test|live)_[A-Za-z0-9]{8,}"),
+    re.compile(r"\bwhsec_[A-Za-z0-9+/=]{8,}"),
+    re.compile(r"(?i)((?:api[_-]?key|token|password|secret|signature)[\"']?\s*[:=]\s*[\"']?)[^\s\"'&,}]+"),
+]
+
+_STANDARD_ATTRS = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+
+def redact(text: str) -> str:
+    for pattern in _SECRET_PATTERNS:
+        text = pattern.sub(lambda m: (m.group(1) if m.groups() else "") + "[REDACTED]", text)
+    return text
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if request_id := request_id_var.get():
+            entry["request_id"] = request_id
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD_ATTRS and not key.startswith("_"):
+                entry[key] = value
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        line = orjson.dumps(entry, default=str).decode()
+        return redact(line)
+
+
+class ConsoleFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        extras = {
+            k: v
+            for k, v in record.__dict__.items()
+            if k not in _STANDARD_ATTRS and not k.startswith("_")
+        }
+        request_id = request_id_var.get()
+        head = f"{record.levelname:<7} {record.name}: {record.getMessage()}"
+        tail = " ".join(f"{k}={v}" for k, v in extras.items())
+        line = " ".join(p for p in (head, tail, f"[{request_id}]" if request_id else "") if p)
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return redact(line)
+
+
+def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else ConsoleFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # aihub writes its own access log (request id, no query strings); uvicorn's would repeat it.
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).handlers[:] = []
+        logging.getLogger(name).propagate = True
+    logging.getLogger("uvicorn.access").disabled = True
+    for noisy in ("httpx", "httpcore", "httpx2", "openai", "google_genai", "aiosqlite"):
+        logging.getLogger(noisy).setLevel("WARNING")

@@ -1,0 +1,35 @@
+"""Prometheus metrics, exported at `GET /metrics`."""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from starlette.requests import Request
+from starlette.responses import Response
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+http_request_duration = Histogram(
+    "aihub_http_request_duration_seconds",
+    "Time from request start to the last byte of the response.",
+    ["method", "route", "status"],
+    buckets=_LATENCY_BUCKETS,
+)
+active_streams = Gauge(
+    "aihub_active_streams", "Streaming responses currently open.", ["product"]
+)
+time_to_first_token = Histogram(
+    "aihub_time_to_first_token_seconds",
+    "Time from request start to the first model output sent to the client.",
+    ["product", "provider"],
+    buckets=_LATENCY_BUCKETS,
+)
+provider_errors = Counter(
+    "aihub_provider_errors_total", "Errors from model providers.", ["provider", "code"]
+)
+provider_requests = Counter(
+    "aihub_provider_requests_total", "Calls made to model providers.", ["provider", "outcome"]
+)
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

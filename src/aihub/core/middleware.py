@@ -1,0 +1,146 @@
+"""Pure-ASGI middleware: request ids, access logs and metrics, and a request-body size limit.
+
+Pure ASGI (never `BaseHTTPMiddleware`) so that streams pass through untouched and unbuffered.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+
+import orjson
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from aihub.core import metrics
+from aihub.core.logging import request_id_var
+
+access_log = logging.getLogger("aihub.access")
+
+
+class RequestContextMiddleware:
+    """Gives each request an id (or keeps a sane incoming `X-Request-ID`), logs and times it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = _incoming_request_id(scope) or secrets.token_hex(8)
+        token = request_id_var.set(request_id)
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = list(message.get("headers", []))
+                headers.append((b"x-request-id", request_id.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - started
+            route = scope.get("route")
+            route_path = getattr(route, "path", "unmatched")
+            metrics.http_request_duration.labels(scope["method"], route_path, str(status)).observe(
+                elapsed
+            )
+            access_log.info(
+                "%s %s %s",
+                scope["method"],
+                scope["path"],
+                status,
+                extra={"status": status, "duration_ms": round(elapsed * 1000, 1)},
+            )
+            request_id_var.reset(token)
+
+
+def _incoming_request_id(scope: Scope) -> str | None:
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            candidate = value.decode("latin-1")
+            if 0 < len(candidate) <= 64 and candidate.replace("-", "").isalnum():
+                return candidate
+    return None
+
+
+class BodySizeLimitMiddleware:
+    """Answers 413 when a request body is larger than the limit, declared or streamed."""
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = scope.get("state", {}).get("body_limit_override", self.max_bytes)
+        declared = _content_length(scope)
+        if declared is not None and declared > limit:
+            await _send_413(send, limit)
+            return
+        received = 0
+        response_started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise _BodyTooLarge(limit)
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal response_started
+            response_started = response_started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _BodyTooLarge:
+            if not response_started:
+                await _send_413(send, limit)
+
+
+class _BodyTooLarge(HTTPException):
+    """An HTTPException so that FastAPI's body parsing re-raises it instead of answering 400."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"Request body is larger than {limit} bytes")
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+async def _send_413(send: Send, limit: int) -> None:
+    body = orjson.dumps(
+        {"error": "payload_too_large", "detail": f"Request body is larger than {limit} bytes"}
+    )
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,46 @@
+"""Keyset pagination over (created_at, id), newest first, with opaque cursors."""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from datetime import datetime
+from typing import Any, TypeVar
+
+from sqlalchemy import Select, and_, or_
+from sqlalchemy.orm import InstrumentedAttribute
+
+from aihub.core.errors import Unprocessable
+
+T = TypeVar("T", bound=tuple[Any, ...])
+
+
+def encode_cursor(created_at: datetime, id: uuid.UUID) -> str:
+    raw = f"{created_at.isoformat()}|{id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        created_at, _, id = raw.partition("|")
+        return datetime.fromisoformat(created_at), uuid.UUID(id)
+    except ValueError:
+        raise Unprocessable("cursor: not a cursor this API returned") from None
+
+
+def newest_first(
+    query: Select[T],
+    *,
+    created_at: InstrumentedAttribute[datetime],
+    id: InstrumentedAttribute[uuid.UUID],
+    cursor: str | None,
+    limit: int,
+) -> Select[T]:
+    """Order newest first and start after `cursor`; fetches one extra row to detect more."""
+    if cursor is not None:
+        after_at, after_id = decode_cursor(cursor)
+        query = query.where(
+            or_(created_at < after_at, and_(created_at == after_at, id < after_id))
+        )
+    return query.order_by(created_at.desc(), id.desc()).limit(limit + 1)

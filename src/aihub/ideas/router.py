@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Query
+from starlette.responses import Response
+
+from aihub.core.auth import CurrentUser
+from aihub.core.config import SettingsDep
+from aihub.core.db import SessionDep, Sessions
+from aihub.core.sse import JSONEventEncoder, MarkdownEventEncoder, stream_response
+from aihub.ideas import service
+from aihub.ideas.dependencies import IdeasChain, markdown_errors
+from aihub.ideas.schemas import IdeaPage, IdeaRead
+
+router = APIRouter(tags=["ideas"])
+
+_STREAM_DESCRIPTION = """Streams a new business idea in Markdown.
+
+By default the stream is framed for the original frontend (`@microsoft/fetch-event-source`
+appending each event's data): the concatenated data is the model's text byte for byte, and the
+stream ends with `event: done` carrying empty data. Errors, before or during the stream, arrive
+as `text/event-stream` with one readable Markdown line.
+
+`?format=json` gives named events instead: `delta` `{"text"}`, then `done` with the stored idea's
+id, usage and provider, or `error` `{"code", "message"}`; errors before the stream are JSON.
+"""
+
+_ERRORS: dict[int | str, dict[str, object]] = {
+    401: {"description": "Missing or invalid token"},
+    403: {"description": "The user's plan does not include business ideas"},
+    429: {"description": "The provider is rate limiting"},
+    502: {"description": "The provider failed"},
+    503: {"description": "The provider or the auth keys are unavailable"},
+}
+
+
+@router.get(
+    "/api",
+    summary="Stream a business idea",
+    description=_STREAM_DESCRIPTION,
+    dependencies=[Depends(markdown_errors)],
+    response_class=Response,
+    responses={200: {"content": {"text/event-stream": {}}}, **_ERRORS},
+)
+async def stream_idea(
+    user: CurrentUser,
+    settings: SettingsDep,
+    sessions: Sessions,
+    chain: IdeasChain,
+    format: Annotated[
+        Literal["markdown", "json"], Query(description="Wire format of the stream")
+    ] = "markdown",
+) -> Response:
+    started_at = time.perf_counter()
+    service.check_plan(user, required_plan=settings.ideas_required_plan)
+    stream = await service.start_idea(sessions, chain=chain, user=user, prompt=settings.ideas_prompt)
+    encoder = JSONEventEncoder() if format == "json" else MarkdownEventEncoder()
+    return stream_response(
+        stream.events,
+        encoder,
+        product="ideas",
+        provider=stream.provider,
+        started_at=started_at,
+        keepalive_seconds=settings.sse_keepalive_seconds,
+    )
+
+
+@router.get("/api/ideas", summary="List my ideas, newest first", response_model=IdeaPage)
+async def list_ideas(
+    user: CurrentUser,
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+) -> IdeaPage:
+    ideas, next_cursor = await service.list_ideas(session, user=user, limit=limit, cursor=cursor)
+    return IdeaPage(
+        items=[IdeaRead.model_validate(idea) for idea in ideas], next_cursor=next_cursor
+    )
+
+
+@router.get(
+    "/api/ideas/{idea_id}",
+    summary="Get one of my ideas",
+    response_model=IdeaRead,
+    responses={404: {"description": "No such idea of yours"}},
+)
+async def get_idea(user: CurrentUser, session: SessionDep, idea_id: uuid.UUID) -> IdeaRead:
+    return IdeaRead.model_validate(await service.get_idea(session, user=user, idea_id=idea_id))
+
+

@@ -1,0 +1,143 @@
+"""Business ideas: one prompt, streamed, stored whole or marked incomplete."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import anyio
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from aihub.core.db import utcnow
+from aihub.core.errors import Forbidden, NotFound
+from aihub.core.pagination import encode_cursor, newest_first
+from aihub.core.sse import StreamEvent
+from aihub.ideas.models import Idea
+from aihub.providers.base import Finish, Message, ProviderError, TextDelta, TextRequest, Usage
+from aihub.providers.routing import ModelChain, OpenedStream
+from aihub.users.models import User
+
+logger = logging.getLogger("aihub.ideas")
+
+
+class PlanRequired(Forbidden):
+    code = "plan_required"
+
+
+def check_plan(user: User, *, required_plan: str | None) -> None:
+    if required_plan and user.plan != required_plan:
+        raise PlanRequired(f"Business ideas need the {required_plan} plan")
+
+
+@dataclass
+class IdeaStream:
+    events: AsyncIterator[StreamEvent]
+    provider: str
+    model: str
+
+
+async def start_idea(
+    sessions: async_sessionmaker[AsyncSession], *, chain: ModelChain, user: User, prompt: str
+) -> IdeaStream:
+    """Open the provider stream; errors before its first output raise here, as HTTP errors."""
+    opened = await chain.open_stream(TextRequest(messages=(Message.user(prompt),)))
+    idea = Idea(id=uuid.uuid4(), user_id=user.id, created_at=utcnow())
+    idea.provider, idea.model = opened.provider, opened.model
+    events = _idea_events(sessions, opened, idea)
+    return IdeaStream(events, opened.provider, opened.model)
+
+
+@dataclass
+class _Draft:
+    parts: list[str]
+    usage: Usage | None = None
+    finish_reason: str | None = None
+
+
+async def _idea_events(
+    sessions: async_sessionmaker[AsyncSession],
+    opened: OpenedStream,
+    idea: Idea,
+) -> AsyncIterator[StreamEvent]:
+    draft = _Draft(parts=[])
+    failure: ProviderError | None = None
+    seq = 0
+    try:
+        async for event in opened:
+            if isinstance(event, TextDelta):
+                draft.parts.append(event.text)
+                seq += 1
+                yield StreamEvent.delta(event.text, id=str(seq))
+            elif isinstance(event, Usage):
+                draft.usage = event
+            elif isinstance(event, Finish):
+                draft.finish_reason = event.reason
+    except ProviderError as exc:
+        failure = exc
+    except BaseException:
+        # The client went away (cancelled or closed): keep what was produced.
+        with anyio.CancelScope(shield=True):
+            await opened.aclose()
+            await _save(sessions, idea, draft, error="client_disconnected")
+        raise
+    await opened.aclose()
+    error = failure.code if failure else None
+    await _save(sessions, idea, draft, error=error)
+    if failure is not None:
+        yield StreamEvent.error(failure.code, failure.message, idea_id=str(idea.id), partial=True)
+        return
+    yield StreamEvent(
+        "done",
+        {
+            "idea_id": str(idea.id),
+            "status": idea.status,
+            "provider": idea.provider,
+            "model": idea.model,
+            "usage": {"input_tokens": idea.input_tokens, "output_tokens": idea.output_tokens},
+            "finish_reason": idea.finish_reason,
+        },
+        id=str(seq + 1),
+    )
+
+
+async def _save(
+    sessions: async_sessionmaker[AsyncSession], idea: Idea, draft: _Draft, *, error: str | None
+) -> None:
+    idea.content = "".join(draft.parts)
+    idea.status = "incomplete" if error else "complete"
+    idea.input_tokens = draft.usage.input_tokens if draft.usage else None
+    idea.output_tokens = draft.usage.output_tokens if draft.usage else None
+    idea.finish_reason = draft.finish_reason
+    idea.error = error
+    idea.completed_at = utcnow()
+    async with sessions.begin() as session:
+        session.add(idea)
+    if error:
+        logger.info("idea stored incomplete", extra={"idea_id": str(idea.id), "error": error})
+
+
+async def list_ideas(
+    session: AsyncSession, *, user: User, limit: int, cursor: str | None
+) -> tuple[list[Idea], str | None]:
+    query = newest_first(
+        select(Idea).where(Idea.user_id == user.id),
+        created_at=Idea.created_at,
+        id=Idea.id,
+        cursor=cursor,
+        limit=limit,
+    )
+    ideas = list((await session.scalars(query)).all())
+    if len(ideas) <= limit:
+        return ideas, None
+    last = ideas[limit - 1]
+    return ideas[:limit], encode_cursor(last.created_at, last.id)
+
+
+async def get_idea(session: AsyncSession, *, user: User, idea_id: uuid.UUID) -> Idea:
+    idea = await session.get(Idea, idea_id)
+    if idea is None or idea.user_id != user.id:
+        raise NotFound("Idea not found")
+    return idea

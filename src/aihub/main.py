@@ -1,0 +1,75 @@
+"""The application factory."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
+
+from aihub import __version__
+from aihub.api import include_routers
+from aihub.core.auth import Authenticator
+from aihub.core.config import Settings
+from aihub.core.db import create_engine, create_sessionmaker
+from aihub.core.errors import install_error_handlers
+from aihub.core.metrics import metrics_endpoint
+from aihub.core.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
+from aihub.providers.routing import ProviderRegistry
+
+TAGS = [
+    {"name": "ideas", "description": "Business ideas, streamed as Markdown (seed 1)."},
+    {"name": "auth", "description": "Local accounts, aihub's tokens and the caller's profile."},
+    {"name": "health", "description": "Liveness, readiness and metrics."},
+]
+
+
+def create_app(settings: Settings) -> FastAPI:
+    app = FastAPI(
+        title="aihub",
+        version=__version__,
+        summary="Five AI products behind one production-grade backend.",
+        openapi_tags=TAGS,
+        lifespan=_lifespan,
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+    include_routers(app)
+    app.add_route("/metrics", metrics_endpoint, include_in_schema=False)
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=settings.cors_origins,
+        allow_credentials=True,
+        allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+        allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID"],
+        expose_headers=["X-Request-ID", "Retry-After"],
+        max_age=600,
+    )
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)
+    app.add_middleware(RequestContextMiddleware)
+    return app
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    await anyio.Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+    engine = create_engine(
+        settings.resolved_database_url,
+        pool_size=settings.database_pool_size,
+        echo=settings.database_echo,
+    )
+    providers = ProviderRegistry(settings)
+    app.state.engine = engine
+    app.state.sessions = create_sessionmaker(engine)
+    app.state.providers = providers
+    app.state.chains = {"ideas": providers.text_chain(settings.ideas_model)}
+    app.state.authenticator = await Authenticator.create(settings)
+    try:
+        yield
+    finally:
+        await app.state.authenticator.aclose()
+        await providers.aclose()
+        await engine.dispose()

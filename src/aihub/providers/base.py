@@ -1,0 +1,205 @@
+"""The provider interface: one event model, one small abstract class per capability.
+
+Products talk to this module (through `routing`), never to an SDK. Adapters turn each SDK's stream
+into `TextEvent`s and each SDK's errors into `ProviderError`s at the boundary. A stream is an async
+generator: closing it (`aclose()`) closes the upstream request, so a client that goes away stops
+the spend.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from aihub.core.errors import AppError
+
+# --- requests ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TextPart:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class MediaPart:
+    """Inline bytes (an uploaded image, a PDF, ...)."""
+
+    data: bytes
+    mime_type: str
+
+
+@dataclass(frozen=True, slots=True)
+class FileRefPart:
+    """A file the provider already holds (for example one uploaded through Gemini's file API)."""
+
+    uri: str
+    mime_type: str
+
+
+Part = TextPart | MediaPart | FileRefPart
+Role = Literal["user", "assistant"]
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    role: Role
+    parts: tuple[Part, ...]
+
+    @classmethod
+    def user(cls, text: str) -> Message:
+        return cls("user", (TextPart(text),))
+
+    @classmethod
+    def assistant(cls, text: str) -> Message:
+        return cls("assistant", (TextPart(text),))
+
+
+@dataclass(frozen=True, slots=True)
+class TextRequest:
+    messages: tuple[Message, ...]
+    system: str | None = None
+    temperature: float | None = None
+    max_output_tokens: int | None = None
+    json_schema: dict[str, Any] | None = None
+    """When set, the model must answer with one JSON object of this (JSON Schema) shape."""
+    grounding: bool = False
+    """Let the model search the web (Gemini's Google Search grounding); sources come back as
+    `Citation` events."""
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRequest:
+    prompt: str
+    aspect_ratio: str = "1:1"
+    output_format: Literal["png", "webp", "jpg"] = "png"
+    seed: int | None = None
+
+
+# --- events -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Citation:
+    url: str
+    title: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    reason: str = "stop"
+    """Normalised: "stop", "length", "content_filter", or the provider's own word."""
+
+
+TextEvent = TextDelta | Usage | Citation | Finish
+
+
+@dataclass(frozen=True, slots=True)
+class GeneratedImage:
+    url: str | None
+    """The provider's own URL (it may expire), or None when only bytes exist."""
+    data: bytes
+    mime_type: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+
+class ProviderError(AppError):
+    """A provider failed. `retryable` errors may succeed on retry or on the next provider."""
+
+    status_code = 502
+    code = "provider_error"
+    default_message = "The model provider failed"
+    retryable: ClassVar[bool] = False
+    fallback: ClassVar[bool] = True
+    """Whether the next provider of a fallback chain should be tried."""
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        provider: str = "",
+        upstream_status: int | None = None,
+        retry_after: int | None = None,
+    ) -> None:
+        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+        super().__init__(message, headers=headers)
+        self.provider = provider
+        self.upstream_status = upstream_status
+        self.retry_after = retry_after
+
+
+class ProviderUnavailable(ProviderError):
+    """Timeouts, connection failures and 5xx answers."""
+
+    status_code = 503
+    code = "provider_unavailable"
+    default_message = "The model provider is unavailable; try again shortly"
+    retryable = True
+
+
+class ProviderRateLimited(ProviderError):
+    status_code = 429
+    code = "provider_rate_limited"
+    default_message = "The model provider is rate limiting requests; try again shortly"
+    retryable = True
+
+
+class ProviderAuthError(ProviderError):
+    """The provider refused the credentials (a server key, or a caller's own key)."""
+
+    code = "provider_auth_failed"
+    default_message = "The model provider rejected the API key"
+
+
+class ProviderNotFound(ProviderError):
+    code = "provider_model_not_found"
+    default_message = "The model provider does not know this model"
+
+
+class ProviderBadRequest(ProviderError):
+    """The request itself was refused (too long, unsupported content, blocked by a filter)."""
+
+    code = "provider_bad_request"
+    default_message = "The model provider refused the request"
+    fallback = False
+
+
+# --- capabilities -----------------------------------------------------------------------------
+
+
+class TextProvider(ABC):
+    name: ClassVar[str]
+
+    @abstractmethod
+    def stream_text(self, request: TextRequest, *, model: str) -> AsyncIterator[TextEvent]:
+        """Stream the model's answer. Raises `ProviderError` (before or during the stream)."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Release long-lived clients."""
+
+
+class ImageProvider(ABC):
+    name: ClassVar[str]
+
+    @abstractmethod
+    async def generate_image(self, request: ImageRequest, *, model: str) -> GeneratedImage:
+        """Generate one image and return its bytes. Raises `ProviderError`."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Release long-lived clients."""

@@ -1,0 +1,171 @@
+"""From `provider:model[,provider:model...]` settings to adapters, with fallback.
+
+A chain is tried in order until one provider has produced its first output; after that the
+stream belongs to that provider (a stream cannot switch models half-way through an answer).
+Providers with no credentials are left out of a chain; a chain left empty runs on `offline`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from aihub.core import metrics
+from aihub.core.config import Settings, parse_model_chain
+from aihub.providers.base import (
+    Finish,
+    ImageProvider,
+    ProviderError,
+    TextDelta,
+    TextEvent,
+    TextProvider,
+    TextRequest,
+)
+from aihub.providers.offline import OfflineProvider
+
+logger = logging.getLogger("aihub.providers")
+
+OFFLINE_MODEL = "offline"
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    provider: TextProvider
+    model: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.provider.name}:{self.model}"
+
+
+class OpenedStream:
+    """A provider stream that has already produced its first output.
+
+    Iterate it for every event (those read while opening come first); `aclose()` closes the
+    upstream request.
+    """
+
+    def __init__(
+        self, candidate: Candidate, head: list[TextEvent], rest: AsyncGenerator[TextEvent, None]
+    ) -> None:
+        self.provider = candidate.provider.name
+        self.model = candidate.model
+        self._head = head
+        self._rest = rest
+
+    async def __aiter__(self) -> AsyncIterator[TextEvent]:
+        while self._head:
+            yield self._head.pop(0)
+        async for event in self._rest:
+            yield event
+
+    async def aclose(self) -> None:
+        await self._rest.aclose()
+
+
+@dataclass(frozen=True, slots=True)
+class ModelChain:
+    candidates: tuple[Candidate, ...]
+
+    @property
+    def label(self) -> str:
+        return ",".join(c.label for c in self.candidates)
+
+    @property
+    def primary(self) -> Candidate:
+        return self.candidates[0]
+
+    async def open_stream(self, request: TextRequest) -> OpenedStream:
+        """Open the first candidate that answers; raise the last error if none does."""
+        error: ProviderError | None = None
+        for candidate in self.candidates:
+            try:
+                return await _open(candidate, request)
+            except ProviderError as exc:
+                metrics.provider_errors.labels(candidate.provider.name, exc.code).inc()
+                logger.warning(
+                    "provider failed before its first output",
+                    extra={"provider": candidate.label, "error": exc.code},
+                )
+                if not exc.fallback:
+                    raise
+                error = exc
+        assert error is not None
+        raise error
+
+
+async def _open(candidate: Candidate, request: TextRequest) -> OpenedStream:
+    events = candidate.provider.stream_text(request, model=candidate.model)
+    assert isinstance(events, AsyncGenerator)
+    head: list[TextEvent] = []
+    try:
+        async for event in events:
+            head.append(event)
+            if isinstance(event, TextDelta | Finish):
+                break
+    except BaseException:
+        await events.aclose()
+        raise
+    return OpenedStream(candidate, head, events)
+
+
+def text_chain(product: str) -> Callable[[Request], ModelChain]:
+    """A dependency giving `product`'s model chain (built once, in the lifespan)."""
+
+    def dependency(request: Request) -> ModelChain:
+        chain: ModelChain = request.app.state.chains[product]
+        return chain
+
+    return dependency
+
+
+class ProviderRegistry:
+    """One long-lived adapter per configured provider, built in the app's lifespan."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.offline = OfflineProvider(token_delay=settings.offline_token_delay_ms / 1000)
+        self.text: dict[str, TextProvider] = {"offline": self.offline}
+        self.image: dict[str, ImageProvider] = {"offline": self.offline}
+        common = {
+            "timeout": settings.provider_timeout_seconds,
+            "max_retries": settings.provider_max_retries,
+        }
+        if settings.openai_api_key:
+            from aihub.providers.openai import OpenAIProvider
+
+            self.text["openai"] = OpenAIProvider(
+                api_key=settings.openai_api_key.get_secret_value(),
+                base_url=settings.openai_base_url,
+                **common,
+            )
+        if settings.gemini_api_key:
+            from aihub.providers.gemini import GeminiProvider
+
+            self.text["gemini"] = GeminiProvider(
+                api_key=settings.gemini_api_key.get_secret_value(),
+                base_url=settings.gemini_base_url,
+                **common,
+            )
+        if settings.replicate_api_token:
+            from aihub.providers.replicate import ReplicateProvider
+
+            self.image["replicate"] = ReplicateProvider(
+                api_key=settings.replicate_api_token.get_secret_value(),
+                base_url=settings.replicate_base_url,
+                **common,
+            )
+
+    def text_chain(self, spec: str) -> ModelChain:
+        candidates = tuple(
+            Candidate(self.text[provider], model)
+            for provider, model in parse_model_chain(spec)
+            if provider in self.text
+        )
+        return ModelChain(candidates or (Candidate(self.offline, OFFLINE_MODEL),))
+
+    async def aclose(self) -> None:
+        for provider in {*self.text.values(), *self.image.values()}:
+            await provider.aclose()
