@@ -8,7 +8,6 @@ from alembic import context
 from sqlalchemy.engine import Connection
 
 import aihub.main  # noqa: F401 - importing the app registers every model on Base.metadata
-
 from aihub.core.config import load_settings
 from aihub.core.db import Base, create_engine
 

@@ -93,14 +93,11 @@ async def db_engine(database_url: str) -> AsyncIterator[AsyncEngine]:
     await engine.dispose()
 
 
-@pytest.fixture(autouse=True)
-async def _empty_tables(request: pytest.FixtureRequest) -> AsyncIterator[None]:
-    """Every test that touches the database starts from empty tables."""
-    yield
-    if "database_url" not in request.fixturenames:
-        return
-    engine: AsyncEngine = request.getfixturevalue("db_engine")
-    async with engine.begin() as conn:
+@pytest.fixture
+async def database(database_url: str, db_engine: AsyncEngine) -> AsyncIterator[str]:
+    """The migrated database's URL; the test leaves its tables empty behind it."""
+    yield database_url
+    async with db_engine.begin() as conn:
         for table in reversed(Base.metadata.sorted_tables):
             await conn.execute(table.delete())
 
@@ -120,7 +117,7 @@ def auth_private_key() -> str:
 
 @pytest.fixture
 def make_settings(
-    database_url: str,
+    database: str,
     tmp_path: Path,
     auth_private_key: str,
     fake_openai: Any,
@@ -130,7 +127,7 @@ def make_settings(
 ) -> Callable[..., Settings]:
     def make(**overrides: Any) -> Settings:
         values: dict[str, Any] = {
-            "database_url": database_url,
+            "database_url": database,
             "data_dir": tmp_path / "data",
             "log_format": "console",
             "auth_jwt_private_key": auth_private_key,
@@ -144,6 +141,7 @@ def make_settings(
             "provider_max_retries": 0,
             "provider_timeout_seconds": 10,
             "offline_token_delay_ms": 0,
+            "auth_allow_registration": True,
         }
         values.update(overrides)
         return Settings(_env_file=None, **values)  # type: ignore[call-arg]

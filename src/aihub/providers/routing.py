@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import Request
 
@@ -129,7 +130,7 @@ class ProviderRegistry:
         self.offline = OfflineProvider(token_delay=settings.offline_token_delay_ms / 1000)
         self.text: dict[str, TextProvider] = {"offline": self.offline}
         self.image: dict[str, ImageProvider] = {"offline": self.offline}
-        common = {
+        common: dict[str, Any] = {
             "timeout": settings.provider_timeout_seconds,
             "max_retries": settings.provider_max_retries,
         }
@@ -167,5 +168,7 @@ class ProviderRegistry:
         return ModelChain(candidates or (Candidate(self.offline, OFFLINE_MODEL),))
 
     async def aclose(self) -> None:
-        for provider in {*self.text.values(), *self.image.values()}:
+        providers: list[TextProvider | ImageProvider] = [*self.text.values()]
+        providers += [p for p in self.image.values() if p not in providers]
+        for provider in providers:
             await provider.aclose()

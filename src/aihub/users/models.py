@@ -4,7 +4,7 @@ import uuid
 from datetime import datetime
 
 from sqlalchemy import ForeignKey, String
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from aihub.core.db import Base, IdMixin, TimestampMixin, utcnow
 
@@ -32,3 +32,6 @@ class LocalCredential(Base):
     email: Mapped[str] = mapped_column(String(320), unique=True)
     password_hash: Mapped[str] = mapped_column(String(100))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    # Declared so that the unit of work inserts the user before its credential.
+    user: Mapped[User] = relationship(lazy="raise")

@@ -1,0 +1,310 @@
+"""What aihub adds to a stream: the ideas stream through aihub vs the same upstream called directly.
+
+    uv run python bench/stream_overhead.py [--streams 300] [--arrival 3] [--rounds 2]
+
+Starts a fake OpenAI upstream (100 tokens at 20 ms) and `aihub serve` as separate processes on
+loopback ports, then measures, at the client, the time to first token and the largest gap between
+chunks of each stream, for both arms in the same run with the arms interleaved (ABBA). Prints the
+added time to first token (p50, p99), the added largest gap (p99) and the ratios to the direct
+arm, for 1 stream at a time and for N streams arriving over a few seconds and held open together.
+Loopback only; bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENS = 100
+DELAY_MS = 20
+
+
+@dataclass
+class Sample:
+    ttft: float
+    largest_gap: float
+    chunks: int
+
+
+@dataclass
+class Arm:
+    name: str
+    samples: list[Sample] = field(default_factory=list)
+    failures: int = 0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def wait_ready(url: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            try:
+                async with session.get(url) as response:
+                    if response.status < 500:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up")
+
+
+async def read_stream(
+    session: aiohttp.ClientSession,
+    request: Callable[[], Awaitable[aiohttp.ClientResponse]],
+    is_token: Callable[[bytes], bool],
+) -> Sample:
+    started = time.perf_counter()
+    first: float | None = None
+    last = started
+    largest_gap = 0.0
+    chunks = 0
+    response = await request()
+    async with response:
+        if response.status != 200:
+            raise RuntimeError(f"status {response.status}")
+        async for line in response.content:
+            if not is_token(line):
+                continue
+            now = time.perf_counter()
+            if first is None:
+                first = now
+            else:
+                largest_gap = max(largest_gap, now - last)
+            last = now
+            chunks += 1
+    if first is None:
+        raise RuntimeError("no token arrived")
+    return Sample(first - started, largest_gap, chunks)
+
+
+def direct_arm(
+    upstream: str,
+) -> tuple[Callable[..., Awaitable[aiohttp.ClientResponse]], Callable[[bytes], bool]]:
+    body = {
+        "model": "gpt-5-nano",
+        "messages": [{"role": "user", "content": "Come up with a new business idea"}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+    def request(session: aiohttp.ClientSession) -> Awaitable[aiohttp.ClientResponse]:
+        return session.post(
+            f"{upstream}/v1/chat/completions",
+            json=body,
+            headers={"Authorization": "Bearer sk-bench-0000000000"},
+        )
+
+    return (
+        request,
+        lambda line: (
+            line.startswith(b"data: {") and b'"content"' in line and b'"content":""' not in line
+        ),
+    )
+
+
+def aihub_arm(
+    base: str, token: str
+) -> tuple[Callable[..., Awaitable[aiohttp.ClientResponse]], Callable[[bytes], bool]]:
+    def request(session: aiohttp.ClientSession) -> Awaitable[aiohttp.ClientResponse]:
+        return session.get(
+            f"{base}/api",
+            headers={"Authorization": f"Bearer {token}", "Accept": "text/event-stream"},
+        )
+
+    return request, lambda line: line.startswith(b"data: ") and len(line) > 7
+
+
+async def run_burst(
+    arm: Arm,
+    spec: tuple[Callable[..., Awaitable[aiohttp.ClientResponse]], Callable[[bytes], bool]],
+    *,
+    streams: int,
+    arrival: float,
+) -> None:
+    request, is_token = spec
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def one(delay: float) -> None:
+            await asyncio.sleep(delay)
+            try:
+                arm.samples.append(await read_stream(session, lambda: request(session), is_token))
+            except (RuntimeError, aiohttp.ClientError, TimeoutError) as exc:
+                arm.failures += 1
+                print(f"  {arm.name}: failure: {exc!r}", file=sys.stderr)
+
+        delays = [arrival * i / max(streams - 1, 1) for i in range(streams)]
+        await asyncio.gather(*(one(d) for d in delays))
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def report(title: str, direct: Arm, aihub: Arm, targets: dict[str, float]) -> bool:
+    def ms(v: float) -> str:
+        return f"{v * 1000:7.1f} ms"
+
+    d_ttft = [s.ttft for s in direct.samples]
+    a_ttft = [s.ttft for s in aihub.samples]
+    d_gap = [s.largest_gap for s in direct.samples]
+    a_gap = [s.largest_gap for s in aihub.samples]
+    added = {
+        "ttft_p50": pct(a_ttft, 50) - pct(d_ttft, 50),
+        "ttft_p99": pct(a_ttft, 99) - pct(d_ttft, 99),
+        "gap_p99": pct(a_gap, 99) - pct(d_gap, 99),
+    }
+    print(f"\n## {title}  ({len(aihub.samples)} aihub / {len(direct.samples)} direct streams)")
+    print(f"{'':22}{'direct':>12}{'aihub':>12}{'added':>12}{'ratio':>9}")
+    for label, d, a in (
+        ("TTFT p50", pct(d_ttft, 50), pct(a_ttft, 50)),
+        ("TTFT p99", pct(d_ttft, 99), pct(a_ttft, 99)),
+        ("largest gap p99", pct(d_gap, 99), pct(a_gap, 99)),
+    ):
+        print(
+            f"{label:22}{ms(d):>12}{ms(a):>12}{ms(a - d):>12}{a / d if d else float('nan'):>8.2f}x"
+        )
+    chunks = statistics.mean(s.chunks for s in aihub.samples) if aihub.samples else 0
+    print(f"chunks per aihub stream (mean): {chunks:.1f}")
+    print(f"failures: aihub {aihub.failures}, direct {direct.failures}")
+    ok = aihub.failures == 0 and direct.failures == 0
+    for key, limit in targets.items():
+        passed = added[key] <= limit
+        ok = ok and passed
+        verdict = "PASS" if passed else "FAIL"
+        print(f"  added {key} <= {limit * 1000:.0f} ms: {verdict} ({added[key] * 1000:.1f} ms)")
+    return ok
+
+
+def start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+
+
+async def register(base: str) -> str:
+    async with aiohttp.ClientSession() as session:
+        email = f"bench-{random.randrange(10**9)}@example.com"
+        body = {"email": email, "password": "bench-password-123"}
+        async with session.post(f"{base}/api/auth/register", json=body) as response:
+            data = await response.json()
+            if response.status >= 300:
+                raise RuntimeError(f"register failed: {data}")
+            token: str = data["token"]
+            return token
+
+
+async def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--streams", type=int, default=300)
+    parser.add_argument("--arrival", type=float, default=3.0)
+    parser.add_argument("--single", type=int, default=30, help="sequential streams per arm")
+    parser.add_argument("--rounds", type=int, default=2, help="ABBA rounds of the concurrent test")
+    args = parser.parse_args()
+
+    upstream_port, aihub_port = free_port(), free_port()
+    upstream = f"http://127.0.0.1:{upstream_port}"
+    base = f"http://127.0.0.1:{aihub_port}"
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("OPENAI_", "GEMINI_", "CLERK_", "DATABASE_"))
+    }
+    data_dir = tempfile.mkdtemp(prefix="aihub-bench-")
+    processes = [
+        start(
+            [
+                sys.executable,
+                "-m",
+                "tests.fakes.openai",
+                "--port",
+                str(upstream_port),
+                "--tokens",
+                str(TOKENS),
+                "--delay-ms",
+                str(DELAY_MS),
+            ],
+            env,
+        ),
+        start(
+            [sys.executable, "-m", "aihub.cli", "serve", "--port", str(aihub_port)],
+            {
+                **env,
+                "DATA_DIR": data_dir,
+                "OPENAI_API_KEY": "sk-bench-0000000000",
+                "OPENAI_BASE_URL": f"{upstream}/v1",
+                "LOG_LEVEL": "WARNING",
+                "AUTH_ALLOW_REGISTRATION": "true",
+                "PROVIDER_MAX_RETRIES": "0",
+            },
+        ),
+    ]
+    try:
+        await wait_ready(f"{upstream}/health")
+        await wait_ready(f"{base}/api/health")
+        token = await register(base)
+        direct_spec, aihub_spec = direct_arm(upstream), aihub_arm(base, token)
+        # Warm up both paths (connection pools, imports, JIT-free caches).
+        await run_burst(Arm("warm"), direct_spec, streams=5, arrival=0.1)
+        await run_burst(Arm("warm"), aihub_spec, streams=5, arrival=0.1)
+
+        direct, aihub = Arm("direct"), Arm("aihub")
+        for _ in range(args.single):
+            await run_burst(direct, direct_spec, streams=1, arrival=0)
+            await run_burst(aihub, aihub_spec, streams=1, arrival=0)
+        ok = report("1 stream at a time", direct, aihub, {"ttft_p50": 0.003})
+
+        direct, aihub = Arm("direct"), Arm("aihub")
+        for round_ in range(args.rounds):
+            order = [(direct, direct_spec), (aihub, aihub_spec)]
+            for arm, spec in order if round_ % 2 == 0 else reversed(order):
+                await run_burst(arm, spec, streams=args.streams, arrival=args.arrival)
+        ok = (
+            report(
+                f"{args.streams} streams arriving over {args.arrival:g} s",
+                direct,
+                aihub,
+                {"ttft_p50": 0.025, "ttft_p99": 0.100, "gap_p99": 0.050},
+            )
+            and ok
+        )
+        print("\nall targets met" if ok else "\nsome targets missed")
+        return 0 if ok else 1
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+            if process.returncode not in (0, -15) and process.stderr is not None:
+                sys.stderr.write(process.stderr.read().decode(errors="replace")[-2000:])
+
+
+if __name__ == "__main__":
+    raise SystemExit(asyncio.run(main()))

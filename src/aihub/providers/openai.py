@@ -1,0 +1,269 @@
+"""OpenAI (and OpenAI-compatible servers) through the official async SDK, over aiohttp.
+
+The stream is read through `with_streaming_response` and each `data:` line is parsed with orjson
+instead of iterating the SDK's parsed chunk objects: at a few hundred concurrent streams that is
+what keeps time to first token low (see `bench/openai_stream_paths.py`).
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from contextlib import aclosing
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import aiohttp
+import httpx2
+import openai
+import orjson
+
+from aihub.providers.base import (
+    FileRefPart,
+    Finish,
+    MediaPart,
+    Message,
+    ProviderAuthError,
+    ProviderBadRequest,
+    ProviderError,
+    ProviderNotFound,
+    ProviderRateLimited,
+    ProviderUnavailable,
+    TextDelta,
+    TextEvent,
+    TextPart,
+    TextProvider,
+    TextRequest,
+    Usage,
+)
+
+_STATUS_ERRORS: dict[int, type[ProviderError]] = {
+    400: ProviderBadRequest,
+    401: ProviderAuthError,
+    403: ProviderAuthError,
+    404: ProviderNotFound,
+    408: ProviderUnavailable,
+    413: ProviderBadRequest,
+    422: ProviderBadRequest,
+    429: ProviderRateLimited,
+}
+_FINISH_REASONS = {"stop": "stop", "length": "length", "content_filter": "content_filter"}
+_KEY_LIKE = re.compile(r"\b(sk|pk|rk)-[A-Za-z0-9_\-*]{6,}")
+
+
+class OpenAIProvider(TextProvider):
+    name = "openai"
+
+    def __init__(
+        self,
+        *,
+        api_key: str,
+        base_url: str | None = None,
+        timeout: float = 60.0,
+        max_retries: int = 2,
+    ) -> None:
+        self._client = openai.AsyncOpenAI(
+            api_key=api_key,
+            base_url=base_url,
+            timeout=timeout,
+            max_retries=max_retries,
+            http_client=openai.DefaultAioHttpClient(),
+        )
+        self._api_key = api_key
+        self._owns_client = True
+
+    def with_api_key(self, api_key: str) -> OpenAIProvider:
+        """The same provider with a caller's own key, sharing this one's connection pool.
+
+        Closing the copy does not close the pool; closing the original does.
+        """
+        copy = object.__new__(OpenAIProvider)
+        copy._client = self._client.with_options(api_key=api_key)
+        copy._api_key = api_key
+        copy._owns_client = False
+        return copy
+
+    def __repr__(self) -> str:
+        return f"OpenAIProvider(base_url={str(self._client.base_url)!r})"
+
+    async def aclose(self) -> None:
+        if self._owns_client:
+            await self._client.close()
+
+    async def stream_text(self, request: TextRequest, *, model: str) -> AsyncIterator[TextEvent]:
+        params = _create_params(request, model=model)
+        streaming = self._client.chat.completions.with_streaming_response
+        try:
+            async with streaming.create(**params) as response:
+                reader = _ChunkReader()
+                async with aclosing(_sse_data(response.http_response.aiter_bytes())) as payloads:
+                    async for payload in payloads:
+                        if payload == b"[DONE]":
+                            break
+                        for event in reader.feed(payload, provider=self):
+                            yield event
+                yield reader.finish(provider=self)
+        except openai.APIStatusError as exc:
+            raise self._status_error(exc) from exc
+        except (openai.APIConnectionError, httpx2.RequestError, aiohttp.ClientError) as exc:
+            raise ProviderUnavailable(
+                f"OpenAI connection failed: {type(exc).__name__}", provider=self.name
+            ) from exc
+        except openai.APIError as exc:
+            raise ProviderError(
+                f"OpenAI failed: {self._redact(exc.message)}", provider=self.name
+            ) from exc
+
+    def _status_error(self, exc: openai.APIStatusError) -> ProviderError:
+        status = exc.status_code
+        kind = ProviderUnavailable if status >= 500 else _STATUS_ERRORS.get(status, ProviderError)
+        if kind is ProviderAuthError:
+            # OpenAI's 401 message repeats part of the key: never pass it on.
+            message = f"OpenAI rejected the API key ({status})"
+        else:
+            message = f"OpenAI answered {status}: {self._redact(_upstream_message(exc))}"
+        retry_after = _retry_after(exc.response.headers) if status in (429, 503) else None
+        return kind(message, provider=self.name, upstream_status=status, retry_after=retry_after)
+
+    def _redact(self, text: str) -> str:
+        if self._api_key:
+            text = text.replace(self._api_key, "[redacted]")
+        return _KEY_LIKE.sub("[redacted]", text)[:500]
+
+
+class _ChunkReader:
+    """Turns decoded `chat.completion.chunk` payloads into events."""
+
+    def __init__(self) -> None:
+        self.finish_reason: str | None = None
+
+    def feed(self, payload: bytes, *, provider: OpenAIProvider) -> list[TextEvent]:
+        try:
+            chunk = orjson.loads(payload)
+        except orjson.JSONDecodeError as exc:
+            raise ProviderUnavailable(
+                "OpenAI sent a malformed stream event", provider=provider.name
+            ) from exc
+        if not isinstance(chunk, dict):
+            return []
+        if error := chunk.get("error"):
+            raise _stream_error(error, provider=provider)
+        events: list[TextEvent] = []
+        for choice in chunk.get("choices") or ():
+            if choice.get("index", 0) != 0:
+                continue
+            content = (choice.get("delta") or {}).get("content")
+            if content:
+                events.append(TextDelta(content))
+            if reason := choice.get("finish_reason"):
+                self.finish_reason = reason
+        if usage := chunk.get("usage"):
+            prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            events.append(Usage(input_tokens=prompt or 0, output_tokens=completion or 0))
+        return events
+
+    def finish(self, *, provider: OpenAIProvider) -> Finish:
+        if self.finish_reason is None:
+            # A stream that stops without a finish reason was cut: it must not look complete.
+            raise ProviderUnavailable("OpenAI's stream ended early", provider=provider.name)
+        return Finish(_FINISH_REASONS.get(self.finish_reason, self.finish_reason))
+
+
+def _stream_error(error: Any, *, provider: OpenAIProvider) -> ProviderError:
+    message = error.get("message") if isinstance(error, dict) else None
+    text = provider._redact(message) if isinstance(message, str) else "no detail"
+    return ProviderUnavailable(f"OpenAI failed mid-stream: {text}", provider=provider.name)
+
+
+async def _sse_data(chunks: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]:
+    """The payload of each `data:` line of a server-sent event stream."""
+    buffer = b""
+    async for chunk in chunks:
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\n")
+        for line in lines:
+            if line.startswith(b"data:"):
+                yield line[5:].strip()
+    if buffer.startswith(b"data:"):
+        yield buffer[5:].strip()
+
+
+def _create_params(request: TextRequest, *, model: str) -> dict[str, Any]:
+    messages: list[dict[str, Any]] = []
+    if request.system:
+        messages.append({"role": "system", "content": request.system})
+    messages.extend(_message(message) for message in request.messages)
+    params: dict[str, Any] = {
+        "model": model,
+        "messages": messages,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    # Only what is set: gpt-5 and o-series models reject `temperature`.
+    if request.temperature is not None:
+        params["temperature"] = request.temperature
+    if request.max_output_tokens is not None:
+        params["max_completion_tokens"] = request.max_output_tokens
+    if request.json_schema is not None:
+        params["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "answer", "schema": request.json_schema, "strict": False},
+        }
+    return params
+
+
+def _message(message: Message) -> dict[str, Any]:
+    parts = message.parts
+    if message.role == "assistant":
+        texts = [
+            {"type": "text", "text": part.text} for part in parts if isinstance(part, TextPart)
+        ]
+        return {"role": "assistant", "content": texts[0]["text"] if len(texts) == 1 else texts}
+    if len(parts) == 1 and isinstance(parts[0], TextPart):
+        return {"role": "user", "content": parts[0].text}
+    return {"role": "user", "content": [_content_part(part) for part in parts]}
+
+
+def _content_part(part: TextPart | MediaPart | FileRefPart) -> dict[str, Any]:
+    if isinstance(part, TextPart):
+        return {"type": "text", "text": part.text}
+    if isinstance(part, FileRefPart):
+        raise ProviderBadRequest(
+            "OpenAI cannot read files held by another provider", provider=OpenAIProvider.name
+        )
+    data_url = f"data:{part.mime_type};base64,{base64.b64encode(part.data).decode('ascii')}"
+    if part.mime_type.startswith("image/"):
+        return {"type": "image_url", "image_url": {"url": data_url}}
+    if part.mime_type == "application/pdf":
+        return {"type": "file", "file": {"file_data": data_url, "filename": "document.pdf"}}
+    raise ProviderBadRequest(
+        f"OpenAI chat does not accept {part.mime_type} input", provider=OpenAIProvider.name
+    )
+
+
+def _upstream_message(exc: openai.APIStatusError) -> str:
+    body = exc.body
+    if isinstance(body, dict) and isinstance(body.get("message"), str):
+        return str(body["message"])
+    return exc.response.reason_phrase or "no detail"
+
+
+def _retry_after(headers: Mapping[str, str]) -> int | None:
+    """Seconds to wait, from `retry-after-ms` (OpenAI's own) or `Retry-After` (seconds or date)."""
+    milliseconds = headers.get("retry-after-ms")
+    if milliseconds:
+        try:
+            return max(1, round(float(milliseconds) / 1000))
+        except ValueError:
+            pass
+    value = (headers.get("retry-after") or "").strip()
+    if not value:
+        return None
+    if value.isdigit():
+        return int(value)
+    try:
+        return max(0, round(parsedate_to_datetime(value).timestamp() - time.time()))
+    except (TypeError, ValueError):
+        return None

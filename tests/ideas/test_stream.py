@@ -1,0 +1,220 @@
+"""The business-idea stream over a real server, read the way the original client reads it."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from tests.conftest import MakeApp, Served
+from tests.factories import bearer, create_user
+from tests.fakes.openai import DEFAULT_TEXT, FakeOpenAI
+from tests.sse_clients import event_source_events, fetch_event_source_messages, markdown_buffer
+
+SSE_HEADERS = {"Accept": "text/event-stream"}
+
+
+async def read_stream(client: httpx.AsyncClient, token: str, **params: str) -> httpx.Response:
+    response = await client.get("/api", params=params, headers={**SSE_HEADERS, **bearer(token)})
+    return response
+
+
+async def test_markdown_rendered_by_the_original_client_equals_the_model_text(
+    served: Served, fake_openai: FakeOpenAI
+) -> None:
+    _, token = await create_user(served.client)
+    response = await read_stream(served.client, token)
+
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.headers["cache-control"] == "no-cache, no-transform"
+    assert response.headers["x-accel-buffering"] == "no"
+    assert markdown_buffer(response.text) == DEFAULT_TEXT
+    last = fetch_event_source_messages(response.text)[-1]
+    assert (last.event, last.data) == ("done", "")
+    assert "{" not in response.text  # no JSON in the default stream
+    sent = fake_openai.last_request.json
+    assert sent["model"] == "gpt-5-nano"
+    assert sent["stream"] is True
+    assert sent["messages"][-1]["role"] == "user"
+    assert "business idea" in sent["messages"][-1]["content"]
+
+
+async def test_markdown_survives_tokens_that_start_with_newlines(
+    served: Served, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.tokens = ["#", " Title", "\n\n", "\n##", " Sub", "\n", "- a", "\n\n\n", "x", "\n"]
+    _, token = await create_user(served.client)
+    response = await read_stream(served.client, token)
+    assert markdown_buffer(response.text) == "".join(fake_openai.tokens)
+
+
+async def test_json_variant_names_events_and_reports_the_stored_idea(
+    served: Served, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.prompt_tokens = 21
+    _, token = await create_user(served.client)
+    response = await read_stream(served.client, token, format="json")
+
+    events = event_source_events(response.text)
+    deltas = [e for e in events if e.event == "delta"]
+    assert "".join(e.data["text"] for e in deltas) == DEFAULT_TEXT  # type: ignore[index]
+    assert all(e.id for e in events)
+    done = events[-1]
+    assert done.event == "done"
+    assert isinstance(done.data, dict)
+    assert done.data["provider"] == "openai"
+    assert done.data["model"] == "gpt-5-nano"
+    assert done.data["usage"] == {"input_tokens": 21, "output_tokens": len(deltas)}
+
+    stored = await served.client.get(f"/api/ideas/{done.data['idea_id']}", headers=bearer(token))
+    assert stored.status_code == 200
+    assert stored.json()["content"] == DEFAULT_TEXT
+    assert stored.json()["status"] == "complete"
+    assert stored.json()["input_tokens"] == 21
+
+
+async def test_history_is_paginated_and_private(served: Served) -> None:
+    _, alice = await create_user(served.client)
+    _, bob = await create_user(served.client)
+    for _ in range(3):
+        assert (await read_stream(served.client, alice)).status_code == 200
+
+    first = (await served.client.get("/api/ideas?limit=2", headers=bearer(alice))).json()
+    assert len(first["items"]) == 2
+    second = await served.client.get(
+        "/api/ideas", params={"limit": 2, "cursor": first["next_cursor"]}, headers=bearer(alice)
+    )
+    assert len(second.json()["items"]) == 1
+    assert second.json()["next_cursor"] is None
+    ids = [i["id"] for i in first["items"] + second.json()["items"]]
+    assert len(set(ids)) == 3
+
+    assert (await served.client.get("/api/ideas", headers=bearer(bob))).json()["items"] == []
+    other = await served.client.get(f"/api/ideas/{ids[0]}", headers=bearer(bob))
+    assert other.status_code == 404
+    assert other.json()["error"] == "not_found"
+    bad_cursor = await served.client.get("/api/ideas?cursor=zzz", headers=bearer(alice))
+    assert bad_cursor.status_code == 422
+    assert isinstance(bad_cursor.json()["detail"], str)
+
+
+def assert_markdown_error(response: httpx.Response, status: int, words: str) -> None:
+    assert response.status_code == status
+    assert response.headers["content-type"].startswith("text/event-stream")
+    rendered = markdown_buffer(response.text)
+    assert words.lower() in rendered.lower()
+    assert "\n" not in rendered.strip()  # one readable line
+
+
+async def test_errors_before_the_stream_are_event_stream_text(
+    make_app: MakeApp, fake_openai: FakeOpenAI
+) -> None:
+    async with make_app(ideas_required_plan="premium_subscription") as served:
+        client = served.client
+        assert_markdown_error(await client.get("/api", headers=SSE_HEADERS), 401, "authenticated")
+        bad = await client.get("/api", headers={**SSE_HEADERS, **bearer("not-a-jwt")})
+        assert_markdown_error(bad, 401, "token")
+        _, token = await create_user(client)
+        assert_markdown_error(await read_stream(client, token), 403, "premium_subscription")
+
+
+@pytest.mark.parametrize(
+    ("upstream", "status", "words"),
+    [(429, 429, "openai"), (500, 503, "openai"), (401, 502, "openai")],
+)
+async def test_provider_errors_before_the_stream(
+    served: Served, fake_openai: FakeOpenAI, upstream: int, status: int, words: str
+) -> None:
+    fake_openai.fail_with(upstream, retry_after="7" if upstream == 429 else None)
+    _, token = await create_user(served.client)
+    response = await read_stream(served.client, token)
+    assert_markdown_error(response, status, words)
+    if upstream == 429:
+        assert response.headers["retry-after"] == "7"
+    json_variant = await read_stream(served.client, token, format="json")
+    assert json_variant.status_code == status
+    assert json_variant.json()["error"].startswith("provider_")
+    assert "sk-test" not in response.text + json_variant.text
+
+
+async def test_fallback_chain_serves_from_the_next_provider(
+    make_app: MakeApp, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.fail_with(503)
+    async with make_app(ideas_model="openai:gpt-5-nano,gemini:gemini-2.5-flash") as served:
+        _, token = await create_user(served.client)
+        response = await read_stream(served.client, token, format="json")
+        done = event_source_events(response.text)[-1]
+        assert done.event == "done"
+        assert done.data["provider"] == "gemini"  # type: ignore[index]
+
+
+async def test_failure_mid_stream_says_so_and_keeps_the_partial_idea(
+    served: Served, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.fail_mid_stream(5)
+    _, token = await create_user(served.client)
+    response = await read_stream(served.client, token)
+    assert response.status_code == 200
+    rendered = markdown_buffer(response.text)
+    assert "**Error:**" in rendered
+    assert "event: done" not in response.text
+    partial = "".join(fake_openai.tokens[:5])
+    assert rendered.startswith(partial)
+
+    ideas = (await served.client.get("/api/ideas", headers=bearer(token))).json()["items"]
+    assert len(ideas) == 1
+    assert ideas[0]["status"] == "incomplete"
+    assert ideas[0]["content"] == partial
+    assert ideas[0]["error"].startswith("provider_")
+
+    fake_openai.fail_mid_stream(3)
+    json_variant = await read_stream(served.client, token, format="json")
+    last = event_source_events(json_variant.text)[-1]
+    assert last.event == "error"
+    assert last.data["partial"] is True  # type: ignore[index]
+
+
+async def test_client_disconnect_stops_upstream_and_saves_partial_idea(
+    served: Served, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.token_delay = 0.05
+    _, token = await create_user(served.client)
+    async with served.client.stream("GET", "/api", headers=bearer(token)) as response:
+        received = b""
+        async for chunk in response.aiter_bytes():
+            received += chunk
+            if received.count(b"data: ") >= 3:
+                break
+    await asyncio.wait_for(fake_openai.disconnected.wait(), timeout=5)
+
+    for _ in range(50):
+        ideas = (await served.client.get("/api/ideas", headers=bearer(token))).json()["items"]
+        if ideas:
+            break
+        await asyncio.sleep(0.05)
+    assert len(ideas) == 1
+    assert ideas[0]["status"] == "incomplete"
+    assert ideas[0]["error"] == "client_disconnected"
+    assert ideas[0]["content"]
+    assert DEFAULT_TEXT.startswith(ideas[0]["content"])
+    assert len(ideas[0]["content"]) < len(DEFAULT_TEXT)
+
+
+async def test_offline_when_no_key(make_app: MakeApp) -> None:
+    async with make_app(openai_api_key=None) as served:
+        health = (await served.client.get("/api/health")).json()
+        assert health["products"]["ideas"]["provider"] == "offline"
+        assert health["products"]["ideas"]["offline"] is True
+        _, token = await create_user(served.client)
+        response = await read_stream(served.client, token, format="json")
+        done = event_source_events(response.text)[-1]
+        assert done.data["provider"] == "offline"  # type: ignore[index]
+        text = "".join(
+            e.data["text"]  # type: ignore[index]
+            for e in event_source_events(response.text)
+            if e.event == "delta"
+        )
+        assert text.startswith("# ")

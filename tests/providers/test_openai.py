@@ -1,0 +1,280 @@
+"""The OpenAI adapter, through the real SDK, against the loopback fake of Chat Completions."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import AsyncIterator
+
+import pytest
+
+from aihub.providers.base import (
+    Finish,
+    MediaPart,
+    Message,
+    ProviderAuthError,
+    ProviderBadRequest,
+    ProviderError,
+    ProviderNotFound,
+    ProviderRateLimited,
+    ProviderUnavailable,
+    TextDelta,
+    TextEvent,
+    TextPart,
+    TextRequest,
+    Usage,
+)
+from aihub.providers.openai import OpenAIProvider
+from tests.fakes.openai import FakeOpenAI
+
+API_KEY = "sk-test-0123456789abcdefghijklmnop"
+MODEL = "gpt-5-nano"
+HELLO = TextRequest(messages=(Message.user("Give me a business idea"),))
+
+
+@pytest.fixture
+async def provider(fake_openai: FakeOpenAI) -> AsyncIterator[OpenAIProvider]:
+    provider = OpenAIProvider(
+        api_key=API_KEY, base_url=fake_openai.base_url, timeout=10, max_retries=0
+    )
+    yield provider
+    await provider.aclose()
+
+
+async def collect(
+    provider: OpenAIProvider, request: TextRequest = HELLO, into: list[TextEvent] | None = None
+) -> list[TextEvent]:
+    events = [] if into is None else into
+    async for event in provider.stream_text(request, model=MODEL):
+        events.append(event)
+    return events
+
+
+def text_of(events: list[TextEvent]) -> str:
+    return "".join(event.text for event in events if isinstance(event, TextDelta))
+
+
+async def test_streams_the_text_exactly(provider: OpenAIProvider, fake_openai: FakeOpenAI) -> None:
+    events = await collect(provider)
+
+    assert text_of(events) == fake_openai.text
+    assert any(t.startswith("\n") and t.strip() for t in fake_openai.tokens)
+    assert "\n\n" in fake_openai.tokens
+    deltas = [event for event in events if isinstance(event, TextDelta)]
+    assert len(deltas) == len(fake_openai.tokens)
+    assert all(delta.text for delta in deltas)
+
+
+async def test_usage_then_finish_last(provider: OpenAIProvider, fake_openai: FakeOpenAI) -> None:
+    fake_openai.prompt_tokens, fake_openai.completion_tokens = 31, 404
+    fake_openai.finish_reason = "length"
+
+    events = await collect(provider)
+
+    assert events[-2:] == [Usage(input_tokens=31, output_tokens=404), Finish("length")]
+
+
+async def test_request_shape(provider: OpenAIProvider, fake_openai: FakeOpenAI) -> None:
+    request = TextRequest(
+        messages=(Message.user("first"), Message.assistant("answer"), Message.user("second")),
+        system="Be brief.",
+    )
+
+    await collect(provider, request)
+
+    received = fake_openai.last_request
+    assert received.path == "/v1/chat/completions"
+    assert received.headers["authorization"] == f"Bearer {API_KEY}"
+    body = received.json
+    assert body["model"] == MODEL
+    assert body["stream"] is True
+    assert body["stream_options"] == {"include_usage": True}
+    assert body["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "answer"},
+        {"role": "user", "content": "second"},
+    ]
+    # gpt-5 models reject temperature: nothing unset is sent.
+    for absent in ("temperature", "max_completion_tokens", "max_tokens", "response_format"):
+        assert absent not in body
+
+
+async def test_options_and_json_schema(provider: OpenAIProvider, fake_openai: FakeOpenAI) -> None:
+    schema = {"type": "object", "properties": {"title": {"type": "string"}}}
+    fake_openai.text = '{"title": "Two Sum"}'
+    request = TextRequest(
+        messages=HELLO.messages, temperature=0.2, max_output_tokens=300, json_schema=schema
+    )
+
+    events = await collect(provider, request)
+
+    assert text_of(events) == '{"title": "Two Sum"}'
+    body = fake_openai.last_request.json
+    assert body["temperature"] == 0.2
+    assert body["max_completion_tokens"] == 300
+    assert body["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "answer", "schema": schema, "strict": False},
+    }
+
+
+async def test_image_parts_are_data_urls(provider: OpenAIProvider, fake_openai: FakeOpenAI) -> None:
+    png = b"\x89PNG\r\n\x1a\nfake-image-bytes"
+    message = Message("user", (TextPart("What is this?"), MediaPart(png, "image/png")))
+
+    await collect(provider, TextRequest(messages=(message,)))
+
+    content = fake_openai.last_request.json["messages"][0]["content"]
+    assert content == [
+        {"type": "text", "text": "What is this?"},
+        {
+            "type": "image_url",
+            "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()},
+        },
+    ]
+
+
+async def test_unsupported_media_is_refused_before_calling(
+    provider: OpenAIProvider, fake_openai: FakeOpenAI
+) -> None:
+    message = Message("user", (MediaPart(b"RIFF....", "audio/wav"),))
+
+    with pytest.raises(ProviderBadRequest):
+        await collect(provider, TextRequest(messages=(message,)))
+    assert fake_openai.requests == []
+
+
+@pytest.mark.parametrize(
+    ("status", "error_type"),
+    [
+        (400, ProviderBadRequest),
+        (401, ProviderAuthError),
+        (403, ProviderAuthError),
+        (404, ProviderNotFound),
+        (413, ProviderBadRequest),
+        (422, ProviderBadRequest),
+        (429, ProviderRateLimited),
+        (500, ProviderUnavailable),
+        (503, ProviderUnavailable),
+    ],
+)
+async def test_status_errors_are_mapped(
+    provider: OpenAIProvider, fake_openai: FakeOpenAI, status: int, error_type: type[ProviderError]
+) -> None:
+    fake_openai.fail_with(status)
+
+    with pytest.raises(error_type) as caught:
+        await collect(provider)
+
+    assert type(caught.value) is error_type
+    assert caught.value.provider == "openai"
+    assert caught.value.upstream_status == status
+    assert isinstance(caught.value.__cause__, Exception)
+
+
+async def test_rate_limit_carries_retry_after(
+    provider: OpenAIProvider, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.fail_with(429, retry_after=17)
+
+    with pytest.raises(ProviderRateLimited) as caught:
+        await collect(provider)
+
+    assert caught.value.retry_after == 17
+    assert caught.value.headers == {"Retry-After": "17"}
+
+
+async def test_auth_error_never_repeats_the_key(fake_openai: FakeOpenAI) -> None:
+    fake_openai.require_api_key = "sk-the-right-key-000000000000"
+    provider = OpenAIProvider(api_key=API_KEY, base_url=fake_openai.base_url, max_retries=0)
+    try:
+        with pytest.raises(ProviderAuthError) as caught:
+            await collect(provider)
+    finally:
+        await provider.aclose()
+
+    assert API_KEY[-4:] not in caught.value.message
+    assert API_KEY[:8] not in caught.value.message
+    assert API_KEY not in repr(provider)
+
+
+async def test_retries_when_asked(fake_openai: FakeOpenAI) -> None:
+    fake_openai.fail_with(500, times=1)
+    provider = OpenAIProvider(api_key=API_KEY, base_url=fake_openai.base_url, max_retries=1)
+    try:
+        events = await collect(provider)
+    finally:
+        await provider.aclose()
+
+    assert text_of(events) == fake_openai.text
+    assert len(fake_openai.requests) == 2
+
+
+@pytest.mark.parametrize("mode", ["error", "drop"])
+async def test_mid_stream_failure_raises(
+    provider: OpenAIProvider, fake_openai: FakeOpenAI, mode: str
+) -> None:
+    fake_openai.fail_mid_stream(5, mode="error" if mode == "error" else "drop")
+    received: list[TextEvent] = []
+
+    with pytest.raises(ProviderUnavailable):
+        await collect(provider, into=received)
+
+    assert text_of(received) == "".join(fake_openai.tokens[:5])
+    assert not any(isinstance(event, Finish) for event in received)
+
+
+async def test_closing_the_stream_closes_the_upstream_request(
+    provider: OpenAIProvider, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.token_delay = 0.05
+    stream = provider.stream_text(HELLO, model=MODEL)
+
+    first = await anext(stream)
+    await stream.aclose()  # type: ignore[attr-defined]
+
+    assert first == TextDelta(fake_openai.tokens[0])
+    await asyncio.wait_for(fake_openai.disconnected.wait(), timeout=2)
+    assert fake_openai.disconnects == 1
+    assert fake_openai.stats.completed == 0
+
+
+async def test_byok_copy_uses_its_own_key_and_the_shared_pool(
+    provider: OpenAIProvider, fake_openai: FakeOpenAI
+) -> None:
+    own_key = "sk-caller-own-key-9876543210"
+    fake_openai.require_api_key = own_key
+    byok = provider.with_api_key(own_key)
+
+    events = [event async for event in byok.stream_text(HELLO, model=MODEL)]
+    await byok.aclose()  # must not close the shared pool
+    with pytest.raises(ProviderAuthError):
+        await collect(provider)
+
+    assert text_of(events) == fake_openai.text
+    assert fake_openai.requests[0].headers["authorization"] == f"Bearer {own_key}"
+    assert fake_openai.requests[1].headers["authorization"] == f"Bearer {API_KEY}"
+
+
+async def test_connection_refused_is_unavailable() -> None:
+    provider = OpenAIProvider(api_key=API_KEY, base_url="http://127.0.0.1:9/v1", max_retries=0)
+    try:
+        with pytest.raises(ProviderUnavailable) as caught:
+            await collect(provider)
+    finally:
+        await provider.aclose()
+    assert caught.value.upstream_status is None
+
+
+async def test_several_text_parts_stay_separate(
+    provider: OpenAIProvider, fake_openai: FakeOpenAI
+) -> None:
+    message = Message("user", (TextPart("Context: a bakery."), TextPart("Question: name it?")))
+
+    await collect(provider, TextRequest(messages=(message,)))
+
+    assert fake_openai.last_request.json["messages"][0]["content"] == [
+        {"type": "text", "text": "Context: a bakery."},
+        {"type": "text", "text": "Question: name it?"},
+    ]
