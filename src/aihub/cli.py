@@ -84,9 +84,7 @@ def migrate() -> None:
 @users_app.command("create")
 def create_user(
     email: Annotated[str, typer.Option(help="Login email")],
-    password: Annotated[
-        str, typer.Option(prompt=True, hide_input=True, confirmation_prompt=True)
-    ],
+    password: Annotated[str, typer.Option(prompt=True, hide_input=True, confirmation_prompt=True)],
 ) -> None:
     """Create a local account."""
     from aihub.core.errors import AppError

@@ -85,9 +85,7 @@ def test_json_events_have_names_ids_and_one_line_data() -> None:
 
 
 def test_ndjson_lines_are_ascii_and_newline_terminated() -> None:
-    encoder = NDJSONEncoder(
-        lambda e: {"response": e.data} if e.kind == "delta" else None
-    )
+    encoder = NDJSONEncoder(lambda e: {"response": e.data} if e.kind == "delta" else None)
     line = encoder.encode(StreamEvent.delta("h\u00e9llo \u2603\n"))
     assert line == b'{"response":"h\\u00e9llo \\u2603\\n"}\n'
     assert encoder.encode(StreamEvent("done", {})) == b""

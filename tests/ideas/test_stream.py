@@ -16,8 +16,7 @@ SSE_HEADERS = {"Accept": "text/event-stream"}
 
 
 async def read_stream(client: httpx.AsyncClient, token: str, **params: str) -> httpx.Response:
-    response = await client.get("/api", params=params, headers={**SSE_HEADERS, **bearer(token)})
-    return response
+    return await client.get("/api", params=params, headers={**SSE_HEADERS, **bearer(token)})
 
 
 async def test_markdown_rendered_by_the_original_client_equals_the_model_text(

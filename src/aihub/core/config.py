@@ -58,6 +58,7 @@ class Settings(BaseSettings):
     auth_token_ttl_seconds: int = Field(default=12 * 3600, ge=60)
     auth_allow_registration: bool | None = None
     jwt_leeway_seconds: int = Field(default=5, ge=0, le=120)
+    auth_user_cache_seconds: float = Field(default=30.0, ge=0)
 
     # Providers
     openai_api_key: SecretStr | None = None
@@ -173,7 +174,7 @@ def load_settings(**overrides: object) -> Settings:
         raise ConfigError("invalid configuration\n  " + "\n  ".join(problems)) from None
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 

@@ -140,7 +140,9 @@ async def handle_validation_error(request: Request, exc: Exception) -> Response:
 
 async def handle_http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
-    code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(exc.status_code, "http_error")
+    code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
+        exc.status_code, "http_error"
+    )
     detail = exc.detail if isinstance(exc.detail, str) else "Request failed"
     return _render(request, exc.status_code, code, detail, headers=exc.headers or {})
 

@@ -43,7 +43,11 @@ async def ready(sessions: Sessions) -> JSONResponse:
             await session.execute(text("SELECT 1"))
     except (SQLAlchemyError, OSError, TimeoutError) as exc:
         return JSONResponse(
-            {"status": "unavailable", "error": "database_unavailable", "detail": type(exc).__name__},
+            {
+                "status": "unavailable",
+                "error": "database_unavailable",
+                "detail": type(exc).__name__,
+            },
             status_code=503,
         )
     return JSONResponse({"status": "ready", "database": "ok"})

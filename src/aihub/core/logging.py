@@ -22,10 +22,12 @@ _SECRET_PATTERNS = [
     re.compile(r"\bAIza[A-Za-z0-9_-]{20,}"),
     re.compile(r"\b(?:sk|pk)_(?:test|live)_[A-Za-z0-9]{8,}"),
     re.compile(r"\bwhsec_[A-Za-z0-9+/=]{8,}"),
-    re.compile(r"(?i)((?:api[_-]?key|token|password|secret|signature)[\"']?\s*[:=]\s*[\"']?)[^\s\"'&,}]+"),
+    re.compile(
+        r"(?i)((?:api[_-]?key|token|password|secret|signature)[\"']?\s*[:=]\s*[\"']?)[^\s\"'&,}]+"
+    ),
 ]
 
-_STANDARD_ATTRS = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+_STANDARD_ATTRS = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "color_message"}
 
 
 def redact(text: str) -> str:
@@ -80,5 +82,6 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
     logging.getLogger("uvicorn.access").disabled = True
-    for noisy in ("httpx", "httpcore", "httpx2", "openai", "google_genai", "aiosqlite"):
+    noisy_loggers = ("httpx", "httpcore", "httpx2", "openai", "google_genai", "aiosqlite")
+    for noisy in (*noisy_loggers, "alembic.runtime.plugins"):
         logging.getLogger(noisy).setLevel("WARNING")

@@ -14,9 +14,7 @@ http_request_duration = Histogram(
     ["method", "route", "status"],
     buckets=_LATENCY_BUCKETS,
 )
-active_streams = Gauge(
-    "aihub_active_streams", "Streaming responses currently open.", ["product"]
-)
+active_streams = Gauge("aihub_active_streams", "Streaming responses currently open.", ["product"])
 time_to_first_token = Histogram(
     "aihub_time_to_first_token_seconds",
     "Time from request start to the first model output sent to the client.",

@@ -40,7 +40,5 @@ def newest_first(
     """Order newest first and start after `cursor`; fetches one extra row to detect more."""
     if cursor is not None:
         after_at, after_id = decode_cursor(cursor)
-        query = query.where(
-            or_(created_at < after_at, and_(created_at == after_at, id < after_id))
-        )
+        query = query.where(or_(created_at < after_at, and_(created_at == after_at, id < after_id)))
     return query.order_by(created_at.desc(), id.desc()).limit(limit + 1)

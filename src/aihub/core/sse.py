@@ -26,6 +26,7 @@ from typing import Any, Literal, Protocol
 import orjson
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.responses import Response
+from starlette.types import Message, Send
 
 from aihub.core import metrics
 
@@ -200,7 +201,7 @@ def stream_response(
     """
     keepalive = encoder.keepalive()
     body = _encoded(events, encoder, product, provider, started_at or time.perf_counter())
-    response = EventSourceResponse(
+    return _EventStream(
         body,
         status_code=status_code,
         headers={**STREAM_HEADERS, **(headers or {})},
@@ -209,7 +210,21 @@ def stream_response(
         ping_message_factory=(lambda: _Raw(keepalive)) if keepalive is not None else None,
         sep="\n",
     )
-    return response
+
+
+class _EventStream(EventSourceResponse):
+    """sse-starlette's response without a cancel scope around every send.
+
+    It opens an anyio `move_on_after` scope per message even with no send timeout; at a few
+    hundred concurrent streams that was a quarter of the process's CPU (bench/stream_overhead.py).
+    A client that stops reading is still noticed: the disconnect listener cancels the stream.
+    """
+
+    async def _send_with_timeout(self, send: Send, message: Message) -> None:
+        if self.send_timeout is None:
+            await send(message)
+        else:
+            await super()._send_with_timeout(send, message)
 
 
 class _Raw(ServerSentEvent):

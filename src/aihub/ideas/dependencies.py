@@ -28,7 +28,7 @@ def render_markdown_error(
     )
 
 
-def markdown_errors(request: Request) -> None:
+async def markdown_errors(request: Request) -> None:
     """Errors on the default (Markdown) stream render as event-stream text."""
     if request.query_params.get("format", "markdown") != "json":
         use_error_renderer(request, render_markdown_error)

@@ -56,7 +56,9 @@ async def stream_idea(
 ) -> Response:
     started_at = time.perf_counter()
     service.check_plan(user, required_plan=settings.ideas_required_plan)
-    stream = await service.start_idea(sessions, chain=chain, user=user, prompt=settings.ideas_prompt)
+    stream = await service.start_idea(
+        sessions, chain=chain, user=user, prompt=settings.ideas_prompt
+    )
     encoder = JSONEventEncoder() if format == "json" else MarkdownEventEncoder()
     return stream_response(
         stream.events,
@@ -89,5 +91,3 @@ async def list_ideas(
 )
 async def get_idea(user: CurrentUser, session: SessionDep, idea_id: uuid.UUID) -> IdeaRead:
     return IdeaRead.model_validate(await service.get_idea(session, user=user, idea_id=idea_id))
-
-

@@ -99,7 +99,7 @@ def _reply(prompt: str) -> str:
 
 def offline_text(request: TextRequest, model: str) -> str:
     prompt = _prompt_text(request)
-    rng = random.Random(_seed(model, request.system or "", prompt))
+    rng = random.Random(_seed(model, request.system or "", prompt))  # noqa: S311 - not crypto
     if request.json_schema is not None:
         return orjson.dumps(_value_for(request.json_schema, rng, "value")).decode()
     if re.search(r"business idea", prompt, re.IGNORECASE):
@@ -159,7 +159,7 @@ class OfflineProvider(TextProvider, ImageProvider):
 
 def gradient_png(seed: int, *, size: int = 256) -> bytes:
     """A real PNG: a two-colour diagonal gradient chosen by `seed`."""
-    rng = random.Random(seed)
+    rng = random.Random(seed)  # noqa: S311 - colours, not crypto
     start = [rng.randrange(256) for _ in range(3)]
     end = [rng.randrange(256) for _ in range(3)]
     steps = 2 * size - 1

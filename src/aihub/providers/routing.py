@@ -8,7 +8,7 @@ Providers with no credentials are left out of a chain; a chain left empty runs o
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,10 +113,10 @@ async def _open(candidate: Candidate, request: TextRequest) -> OpenedStream:
     return OpenedStream(candidate, head, events)
 
 
-def text_chain(product: str) -> Callable[[Request], ModelChain]:
+def text_chain(product: str) -> Callable[[Request], Awaitable[ModelChain]]:
     """A dependency giving `product`'s model chain (built once, in the lifespan)."""
 
-    def dependency(request: Request) -> ModelChain:
+    async def dependency(request: Request) -> ModelChain:
         chain: ModelChain = request.app.state.chains[product]
         return chain
 

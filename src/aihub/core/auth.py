@@ -1,0 +1,511 @@
+"""Bearer-token authentication: Clerk tokens and aihub's own, behind one `CurrentUser`.
+
+API
+---
+`Authenticator` holds every key; the app builds one in its lifespan and keeps it on
+`app.state.authenticator`::
+
+    authenticator = await Authenticator.create(settings)  # never waits for the network
+    ...
+    await authenticator.aclose()
+
+- `await authenticator.verify(token) -> LocalIdentity | ClerkIdentity` — raises `Unauthorized`
+  (401) for any bad token and `ServiceUnavailable` (503) when Clerk's keys cannot be had.
+- `authenticator.issuer` — aihub's own `TokenIssuer` (`issue(user_id)`, `jwks()`).
+- `authenticator.settings` — the settings it was built from.
+
+Dependencies (FastAPI `Annotated` aliases):
+
+- `CurrentUser` — the caller's `User`, from `Authorization: Bearer <token>`; 401 otherwise.
+- `OptionalUser` — `User | None`: None when there is no `Authorization` header at all.
+- `AuthenticatorDep` — `app.state.authenticator`.
+- `require_plan(user, plan)` — raises `PlanRequired` (403, code "plan_required").
+
+Accepted tokens: Clerk session tokens and Clerk JWT-template tokens (RS256, keys from
+`CLERK_JWKS_URL` or the PEM in `CLERK_JWT_KEY`), and tokens aihub issues itself (RS256, its own
+key, `iss` "aihub"). `exp` is required; `nbf`/`iat` are checked with `JWT_LEEWAY_SECONDS`; `azp`,
+when present, must be one of `CLERK_AUTHORIZED_PARTIES` when that list is set.
+
+Clerk's keys are fetched with an async HTTP client, never on a request's critical path when the
+token's kid is cached: a prefetch starts at start-up, stale keys keep serving while a refresh
+runs or fails, refreshes are single-flight, and unknown kids trigger at most one fetch per
+`CLERK_JWKS_COOLDOWN_SECONDS`.
+
+The user is loaded in a short session of its own (`app.state.sessions`), never the request's
+session: a stream must not hold a database connection for its whole length.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import httpx
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from aihub.core.config import ConfigError, Settings
+from aihub.core.errors import Forbidden, ServiceUnavailable, Unauthorized
+from aihub.users import service
+from aihub.users.models import User
+from aihub.users.tokens import ISSUER, TokenIssuer
+
+logger = logging.getLogger("aihub.auth")
+
+ALGORITHM = "RS256"
+MAX_JWKS_BYTES = 256 * 1024
+
+
+class PlanRequired(Forbidden):
+    code = "plan_required"
+    default_message = "Your plan does not include this feature"
+
+
+class KeysUnavailable(ServiceUnavailable):
+    code = "auth_keys_unavailable"
+    default_message = "Authentication keys are temporarily unavailable"
+
+
+@dataclass(frozen=True, slots=True)
+class LocalIdentity:
+    """A token aihub issued: `sub` is the user's id."""
+
+    user_id: uuid.UUID
+
+
+@dataclass(frozen=True, slots=True)
+class ClerkIdentity:
+    """A verified Clerk token; None means the token did not say."""
+
+    clerk_id: str
+    email: str | None = None
+    name: str | None = None
+    plan: str | None = None
+
+
+Identity = LocalIdentity | ClerkIdentity
+
+
+class JwksCache:
+    """Clerk's public keys by kid, refreshed in the background and served stale on failure."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        client: httpx.AsyncClient,
+        cooldown_seconds: float,
+        max_age_seconds: float,
+        timeout_seconds: float,
+    ) -> None:
+        self.url = url
+        self._client = client
+        self._cooldown = cooldown_seconds
+        self._max_age = max_age_seconds
+        self._timeout = timeout_seconds
+        self._keys: dict[str, jwt.PyJWK] = {}
+        self._fetched_at: float | None = None
+        self._attempted_at: float | None = None
+        self._last_failed = False
+        self._refresh_task: asyncio.Task[None] | None = None
+
+    def cached(self, kid: str) -> jwt.PyJWK | None:
+        """A cached key, starting a background refresh when the cache is old (never waits)."""
+        key = self._keys.get(kid)
+        if key is not None and self._is_old() and self._may_attempt():
+            self.start_refresh()
+        return key
+
+    async def get(self, kid: str) -> jwt.PyJWK | None:
+        """The key for `kid`, refreshing once for an unknown kid unless in cool-down.
+
+        None when the key set is known and lacks `kid`; `KeysUnavailable` when it cannot be known.
+        """
+        if (key := self.cached(kid)) is not None:
+            return key
+        if self._refreshing() or self._may_attempt():
+            # shield: a caller that goes away must not cancel the refresh others wait on.
+            await asyncio.shield(self.start_refresh())
+        if (key := self._keys.get(kid)) is not None:
+            return key
+        if self._last_failed:
+            raise KeysUnavailable()
+        return None
+
+    def start_refresh(self) -> asyncio.Task[None]:
+        """Start a refresh unless one is running; either way return the running one."""
+        if self._refresh_task is None or self._refresh_task.done():
+            self._attempted_at = time.monotonic()
+            self._refresh_task = asyncio.create_task(self._refresh(), name="clerk-jwks-refresh")
+        return self._refresh_task
+
+    async def aclose(self) -> None:
+        task = self._refresh_task
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    def _refreshing(self) -> bool:
+        return self._refresh_task is not None and not self._refresh_task.done()
+
+    def _may_attempt(self) -> bool:
+        return self._attempted_at is None or (
+            time.monotonic() - self._attempted_at >= self._cooldown
+        )
+
+    def _is_old(self) -> bool:
+        return self._fetched_at is None or time.monotonic() - self._fetched_at >= self._max_age
+
+    async def _refresh(self) -> None:
+        try:
+            keys = await self._fetch()
+        except (httpx.HTTPError, ValueError) as exc:
+            self._last_failed = True
+            logger.warning(
+                "could not fetch Clerk's signing keys; serving cached keys",
+                extra={
+                    "jwks_url": self.url,
+                    "error": type(exc).__name__,
+                    "cached": len(self._keys),
+                },
+            )
+            return
+        self._keys = keys
+        self._fetched_at = time.monotonic()
+        self._last_failed = False
+        logger.info("fetched Clerk's signing keys", extra={"keys": len(keys)})
+
+    async def _fetch(self) -> dict[str, jwt.PyJWK]:
+        response = await self._client.get(self.url, timeout=self._timeout)
+        response.raise_for_status()
+        if len(response.content) > MAX_JWKS_BYTES:
+            raise ValueError("JWKS document too large")
+        keys = parse_jwks(response.json())
+        if not keys:
+            raise ValueError("JWKS document has no usable RS256 key")
+        return keys
+
+
+def parse_jwks(document: Any) -> dict[str, jwt.PyJWK]:
+    """The usable RS256 signing keys of a JWKS document, by kid; other keys are skipped."""
+    if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
+        raise ValueError("not a JWKS document")
+    keys: dict[str, jwt.PyJWK] = {}
+    for entry in document["keys"]:
+        if not isinstance(entry, dict) or not isinstance(entry.get("kid"), str):
+            continue
+        if entry.get("kty") != "RSA" or entry.get("alg", ALGORITHM) != ALGORITHM:
+            continue
+        if entry.get("use", "sig") != "sig":
+            continue
+        try:
+            keys[entry["kid"]] = jwt.PyJWK(entry, algorithm=ALGORITHM)
+        except jwt.PyJWKError:
+            continue
+    return keys
+
+
+def parse_public_key(pem: str, *, source: str) -> rsa.RSAPublicKey:
+    try:
+        key = serialization.load_pem_public_key(pem.replace("\\n", "\n").encode())
+    except ValueError as exc:
+        raise ConfigError(f"{source}: not a PEM public key") from exc
+    if not isinstance(key, rsa.RSAPublicKey):
+        raise ConfigError(f"{source}: must be an RSA public key")
+    return key
+
+
+class UserCache:
+    """Users recently loaded for a token, so that starting a stream need not wait on the database.
+
+    An entry lives `ttl` seconds; a Clerk token whose profile claims differ from the cached user
+    misses, so plan changes are written at once. Deleting a user must call `forget`; another
+    instance may keep serving a deleted user for at most `ttl` seconds.
+    """
+
+    def __init__(self, ttl: float, *, max_entries: int = 10_000) -> None:
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._entries: OrderedDict[tuple[str, str], tuple[float, User]] = OrderedDict()
+
+    def get(self, identity: Identity) -> User | None:
+        key = _cache_key(identity)
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        expires, user = entry
+        if expires < time.monotonic() or not _profile_matches(user, identity):
+            del self._entries[key]
+            return None
+        return user
+
+    def put(self, identity: Identity, user: User) -> None:
+        if self.ttl <= 0:
+            return
+        key = _cache_key(identity)
+        self._entries[key] = (time.monotonic() + self.ttl, user)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def forget(self, user_id: uuid.UUID) -> None:
+        for key, (_, user) in list(self._entries.items()):
+            if user.id == user_id:
+                del self._entries[key]
+
+
+def _cache_key(identity: Identity) -> tuple[str, str]:
+    if isinstance(identity, LocalIdentity):
+        return ("local", str(identity.user_id))
+    return ("clerk", identity.clerk_id)
+
+
+def _profile_matches(user: User, identity: Identity) -> bool:
+    if isinstance(identity, LocalIdentity):
+        return True
+    claims = (("email", identity.email), ("name", identity.name), ("plan", identity.plan))
+    return all(value is None or getattr(user, field) == value for field, value in claims)
+
+
+class Authenticator:
+    """Verifies bearer tokens; see the module docstring for the API."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        issuer: TokenIssuer,
+        clerk_jwks: JwksCache | None = None,
+        clerk_static_key: rsa.RSAPublicKey | None = None,
+        http_client: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.settings = settings
+        self.issuer = issuer
+        self._clerk_jwks = clerk_jwks
+        self._clerk_static_key = clerk_static_key
+        self._http_client = http_client
+        self.users = UserCache(settings.auth_user_cache_seconds)
+
+    @classmethod
+    async def create(cls, settings: Settings) -> Authenticator:
+        """Load aihub's key (off the loop) and start prefetching Clerk's keys in the background."""
+        issuer = await TokenIssuer.load(settings)
+        static_key = None
+        if settings.clerk_jwt_key:
+            static_key = parse_public_key(settings.clerk_jwt_key, source="CLERK_JWT_KEY")
+        jwks = client = None
+        if settings.clerk_jwks_url:
+            client = httpx.AsyncClient(
+                timeout=settings.clerk_jwks_timeout_seconds, follow_redirects=False
+            )
+            jwks = JwksCache(
+                settings.clerk_jwks_url,
+                client=client,
+                cooldown_seconds=settings.clerk_jwks_cooldown_seconds,
+                max_age_seconds=settings.clerk_jwks_max_age_seconds,
+                timeout_seconds=settings.clerk_jwks_timeout_seconds,
+            )
+            jwks.start_refresh()
+        return cls(
+            settings,
+            issuer=issuer,
+            clerk_jwks=jwks,
+            clerk_static_key=static_key,
+            http_client=client,
+        )
+
+    async def aclose(self) -> None:
+        if self._clerk_jwks is not None:
+            await self._clerk_jwks.aclose()
+        if self._http_client is not None:
+            await self._http_client.aclose()
+
+    async def verify(self, token: str) -> Identity:
+        header, unverified = _unverified_parts(token)
+        if header.get("alg") != ALGORITHM:
+            raise Unauthorized("Unsupported token algorithm")
+        kid = header.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            raise Unauthorized("Invalid token")
+        if kid == self.issuer.kid or unverified.get("iss") == ISSUER:
+            return self._verify_local(token)
+        return await self._verify_clerk(token, kid)
+
+    def _verify_local(self, token: str) -> LocalIdentity:
+        claims = _decode(lambda: self.issuer.verify(token, leeway=self._leeway))
+        try:
+            return LocalIdentity(user_id=uuid.UUID(str(claims["sub"])))
+        except ValueError:
+            raise Unauthorized("Invalid token") from None
+
+    async def _verify_clerk(self, token: str, kid: str | None) -> ClerkIdentity:
+        key = await self._clerk_key(kid)
+        claims: dict[str, Any] = _decode(
+            lambda: jwt.decode(
+                token,
+                key,
+                algorithms=[ALGORITHM],
+                leeway=self._leeway,
+                options={"require": ["exp", "sub"], "verify_aud": False},
+            )
+        )
+        self._check_authorized_party(claims)
+        return clerk_identity(claims)
+
+    async def _clerk_key(self, kid: str | None) -> Any:
+        cached = self._clerk_jwks.cached(kid) if self._clerk_jwks and kid else None
+        if cached is not None:
+            return cached.key
+        if self._clerk_static_key is not None:
+            # Networkless verification: the PEM key is Clerk's, whatever the kid.
+            return self._clerk_static_key
+        if self._clerk_jwks is None or kid is None:
+            raise Unauthorized("Invalid token")
+        fetched = await self._clerk_jwks.get(kid)
+        if fetched is None:
+            raise Unauthorized("Unknown signing key")
+        return fetched.key
+
+    def _check_authorized_party(self, claims: dict[str, Any]) -> None:
+        allowed = self.settings.clerk_authorized_parties
+        azp = claims.get("azp")
+        if azp is None or not allowed:
+            return
+        if not isinstance(azp, str) or azp.rstrip("/") not in allowed:
+            raise Unauthorized("Token issued for another application")
+
+    @property
+    def _leeway(self) -> float:
+        return float(self.settings.jwt_leeway_seconds)
+
+
+def _unverified_parts(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Header and claims, unverified: used only to pick the key."""
+    try:
+        header = jwt.get_unverified_header(token)
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.InvalidTokenError:
+        raise Unauthorized("Invalid token") from None
+    if not isinstance(claims, dict):
+        raise Unauthorized("Invalid token")
+    return header, claims
+
+
+def _decode(decode: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run a PyJWT decode, turning its errors into short 401s that never echo the token."""
+    try:
+        claims: dict[str, Any] = decode()
+    except jwt.ExpiredSignatureError:
+        raise Unauthorized("Token expired") from None
+    except jwt.ImmatureSignatureError:
+        raise Unauthorized("Token not yet valid") from None
+    except jwt.MissingRequiredClaimError as exc:
+        raise Unauthorized(f"Token lacks the {exc.claim!r} claim") from None
+    except jwt.InvalidTokenError:
+        raise Unauthorized("Invalid token") from None
+    return claims
+
+
+def clerk_identity(claims: dict[str, Any]) -> ClerkIdentity:
+    """Session tokens carry the plan as `pla` ("u:premium"); JWT templates may carry `plan`."""
+    clerk_id = claims.get("sub")
+    if not isinstance(clerk_id, str) or not clerk_id or len(clerk_id) > 64:
+        raise Unauthorized("Invalid token")
+    plan = _plan(claims)
+    name = _text(claims.get("name"))
+    if name is None:
+        parts = (_text(claims.get("first_name")), _text(claims.get("last_name")))
+        name = " ".join(part for part in parts if part) or None
+    email = _text(claims.get("email"))
+    return ClerkIdentity(
+        clerk_id=clerk_id,
+        email=email.lower() if email else None,
+        name=name[:200] if name else None,
+        plan=plan[:100] if plan else None,
+    )
+
+
+def _plan(claims: dict[str, Any]) -> str | None:
+    session_plan = _text(claims.get("pla"))  # "u:premium" (user) or "o:team" (organisation)
+    if session_plan is not None:
+        return session_plan.partition(":")[2] or session_plan
+    return _text(claims.get("plan"))
+
+
+def _text(value: object) -> str | None:
+    return value.strip() or None if isinstance(value, str) else None
+
+
+async def get_authenticator(request: Request) -> Authenticator:
+    authenticator: Authenticator = request.app.state.authenticator
+    return authenticator
+
+
+AuthenticatorDep = Annotated[Authenticator, Depends(get_authenticator)]
+
+bearer_scheme = HTTPBearer(
+    auto_error=False,
+    description="A Clerk session or JWT-template token, or a token from POST /api/auth/login.",
+)
+BearerCredentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]
+
+
+async def get_current_user(
+    request: Request, authenticator: AuthenticatorDep, credentials: BearerCredentials
+) -> User:
+    if credentials is None:
+        raise Unauthorized()
+    identity = await authenticator.verify(credentials.credentials)
+    user = authenticator.users.get(identity)
+    if user is not None:
+        return user
+    sessions: async_sessionmaker[AsyncSession] = request.app.state.sessions
+    async with sessions() as session:
+        user = await _load_user(session, identity)
+        if isinstance(identity, ClerkIdentity):
+            await session.commit()  # a user seen for the first time, or a changed plan
+    authenticator.users.put(identity, user)
+    return user
+
+
+async def _load_user(session: AsyncSession, identity: Identity) -> User:
+    if isinstance(identity, LocalIdentity):
+        user = await session.get(User, identity.user_id)
+        if user is None:
+            raise Unauthorized("Unknown user")
+        return user
+    return await service.get_or_create_clerk_user(
+        session,
+        clerk_id=identity.clerk_id,
+        email=identity.email,
+        name=identity.name,
+        plan=identity.plan,
+    )
+
+
+async def get_optional_user(
+    request: Request, authenticator: AuthenticatorDep, credentials: BearerCredentials
+) -> User | None:
+    if "authorization" not in request.headers:
+        return None
+    return await get_current_user(request, authenticator, credentials)
+
+
+CurrentUser = Annotated[User, Depends(get_current_user)]
+OptionalUser = Annotated[User | None, Depends(get_optional_user)]
+
+
+def require_plan(user: User, plan: str | None) -> None:
+    """Raise `PlanRequired` unless `user` is on `plan` (None: no plan needed)."""
+    if plan is not None and user.plan != plan:
+        raise PlanRequired()
