@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -48,6 +48,9 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Interface to bind (HOST)")] = None,
     port: Annotated[int | None, typer.Option(help="Port to bind (PORT)")] = None,
     migrate: Annotated[bool, typer.Option(help="Apply migrations before serving")] = True,
+    workers: Annotated[
+        int | None, typer.Option(help="Worker processes (WEB_CONCURRENCY)", min=1)
+    ] = None,
 ) -> None:
     """Apply migrations, then serve every product."""
     import uvicorn
@@ -59,8 +62,17 @@ def serve(
     configure_logging(settings.log_level, settings.log_format)
     if migrate:
         run_migrations(settings)
+    workers = workers or settings.workers
+    options: dict[str, Any] = {}
+    if workers > 1:
+        # Each worker builds its own app; the signing key must exist before they race for it.
+        from aihub.users.tokens import load_signing_key
+
+        load_signing_key(settings)
+        options = {"workers": workers, "factory": True}
     uvicorn.run(
-        create_app(settings),
+        "aihub.main:create_app_from_environment" if workers > 1 else create_app(settings),
+        **options,
         host=host or settings.host,
         port=port or settings.port,
         log_config=None,

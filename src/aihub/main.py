@@ -52,6 +52,16 @@ def create_app(settings: Settings) -> FastAPI:
     return app
 
 
+def create_app_from_environment() -> FastAPI:
+    """The app as `aihub serve --workers N` starts it in each worker process."""
+    from aihub.core.config import load_settings
+    from aihub.core.logging import configure_logging
+
+    settings = load_settings()
+    configure_logging(settings.log_level, settings.log_format)
+    return create_app(settings)
+
+
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings

@@ -30,6 +30,7 @@ class Settings(BaseSettings):
     # Server
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
+    workers: int = Field(default=1, ge=1, le=64, validation_alias="WEB_CONCURRENCY")
     data_dir: Path = Path("data")
     public_base_url: str | None = None
     cors_origins: CommaList = Field(default_factory=lambda: list(DEFAULT_CORS_ORIGINS))

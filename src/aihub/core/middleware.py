@@ -88,7 +88,6 @@ class BodySizeLimitMiddleware:
             await _send_413(send, limit)
             return
         received = 0
-        response_started = False
 
         async def limited_receive() -> Message:
             nonlocal received
@@ -99,16 +98,12 @@ class BodySizeLimitMiddleware:
                     raise _BodyTooLarge(limit)
             return message
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal response_started
-            response_started = response_started or message["type"] == "http.response.start"
-            await send(message)
-
         try:
-            await self.app(scope, limited_receive, tracking_send)
+            await self.app(scope, limited_receive, send)
         except _BodyTooLarge:
-            if not response_started:
-                await _send_413(send, limit)
+            # Only an app that reads its body after starting its response gets here, and
+            # FastAPI reads bodies before: the 413 normally comes from the error handler.
+            await _send_413(send, limit)
 
 
 class _BodyTooLarge(HTTPException):

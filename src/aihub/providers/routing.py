@@ -8,7 +8,7 @@ Providers with no credentials are left out of a chain; a chain left empty runs o
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,11 +57,14 @@ class OpenedStream:
         self._head = head
         self._rest = rest
 
-    async def __aiter__(self) -> AsyncIterator[TextEvent]:
-        while self._head:
-            yield self._head.pop(0)
-        async for event in self._rest:
-            yield event
+    def __aiter__(self) -> OpenedStream:
+        return self
+
+    async def __anext__(self) -> TextEvent:
+        # A plain iterator, not a generator: one less frame on every event of every stream.
+        if self._head:
+            return self._head.pop(0)
+        return await anext(self._rest)
 
     async def aclose(self) -> None:
         await self._rest.aclose()

@@ -1,0 +1,107 @@
+"""Cross-cutting behaviour every route shares: error shapes, limits, CORS, ids, operations."""
+
+from __future__ import annotations
+
+from tests.conftest import MakeApp, Served
+
+
+async def test_body_over_the_limit_is_413_json(make_app: MakeApp) -> None:
+    async with make_app(max_request_body_bytes=2048) as served:
+        big = {"email": "a@example.com", "password": "x" * 4096}
+        declared = await served.client.post("/api/auth/login", json=big)
+
+        async def chunks():  # type: ignore[no-untyped-def]
+            for _ in range(8):
+                yield b"x" * 1024
+
+        streamed = await served.client.post(
+            "/api/auth/login", content=chunks(), headers={"content-type": "application/json"}
+        )
+    for response in (declared, streamed):
+        assert response.status_code == 413
+        assert response.json()["error"] == "payload_too_large"
+        assert isinstance(response.json()["detail"], str)
+
+
+async def test_validation_errors_are_strings_and_never_echo_input(served: Served) -> None:
+    secret = "hunter2-but-longer-secret-value" * 3
+    response = await served.client.post(
+        "/api/auth/login", json={"email": secret, "password": 12345}
+    )
+    assert response.status_code == 422
+    body = response.json()
+    assert body["error"] == "validation_error"
+    assert isinstance(body["detail"], str)
+    assert "password" in body["detail"]
+    assert secret not in response.text
+
+
+async def test_malformed_json_is_a_clear_422(served: Served) -> None:
+    response = await served.client.post(
+        "/api/auth/login", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 422
+    assert isinstance(response.json()["detail"], str)
+
+
+async def test_unknown_route_and_method(served: Served) -> None:
+    missing = await served.client.get("/api/nope")
+    assert (missing.status_code, missing.json()["error"]) == (404, "not_found")
+    wrong = await served.client.delete("/api/health")
+    assert (wrong.status_code, wrong.json()["error"]) == (405, "method_not_allowed")
+
+
+async def test_cors_preflight_from_configured_origins_only(served: Served) -> None:
+    headers = {
+        "Origin": "http://localhost:3000",
+        "Access-Control-Request-Method": "PATCH",
+        "Access-Control-Request-Headers": "authorization,content-type",
+    }
+    allowed = await served.client.options("/api/ideas", headers=headers)
+    assert allowed.status_code == 200
+    assert allowed.headers["access-control-allow-origin"] == "http://localhost:3000"
+    assert "PATCH" in allowed.headers["access-control-allow-methods"]
+    evil = await served.client.options(
+        "/api/ideas", headers={**headers, "Origin": "https://evil.example"}
+    )
+    assert "access-control-allow-origin" not in evil.headers
+
+
+async def test_request_ids(served: Served) -> None:
+    generated = await served.client.get("/api/health")
+    assert len(generated.headers["x-request-id"]) == 16
+    kept = await served.client.get("/api/health", headers={"X-Request-ID": "abc-123"})
+    assert kept.headers["x-request-id"] == "abc-123"
+    replaced = await served.client.get("/api/health", headers={"X-Request-ID": "<script>"})
+    assert replaced.headers["x-request-id"] != "<script>"
+
+
+async def test_health_ready_and_metrics(served: Served) -> None:
+    health = (await served.client.get("/api/health")).json()
+    assert health["status"] == "ok"
+    assert health["products"]["ideas"] == {
+        "provider": "openai",
+        "model": "gpt-5-nano",
+        "chain": "openai:gpt-5-nano",
+        "offline": False,
+    }
+    ready = await served.client.get("/api/ready")
+    assert ready.json() == {"status": "ready", "database": "ok"}
+    metrics = await served.client.get("/metrics")
+    assert "aihub_http_request_duration_seconds" in metrics.text
+    assert "aihub_active_streams" in metrics.text
+
+
+async def test_ready_answers_503_when_the_database_is_gone(make_app: MakeApp) -> None:
+    async with make_app(database_url="postgresql+asyncpg://nobody@127.0.0.1:1/none") as served:
+        response = await served.client.get("/api/ready")
+    assert response.status_code == 503
+    assert response.json()["error"] == "database_unavailable"
+
+
+async def test_docs_tag_every_route(served: Served) -> None:
+    spec = (await served.client.get("/openapi.json")).json()
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            assert operation.get("tags"), f"{method.upper()} {path} has no tag"
+    assert (await served.client.get("/docs")).status_code == 200
