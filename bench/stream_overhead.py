@@ -224,6 +224,7 @@ async def main() -> int:
     parser.add_argument("--arrival", type=float, default=3.0)
     parser.add_argument("--single", type=int, default=30, help="sequential streams per arm")
     parser.add_argument("--rounds", type=int, default=2, help="ABBA rounds of the concurrent test")
+    parser.add_argument("--workers", type=int, default=1, help="aihub worker processes")
     args = parser.parse_args()
 
     upstream_port, aihub_port = free_port(), free_port()
@@ -260,12 +261,13 @@ async def main() -> int:
                 "LOG_LEVEL": "WARNING",
                 "AUTH_ALLOW_REGISTRATION": "true",
                 "PROVIDER_MAX_RETRIES": "0",
+                "WEB_CONCURRENCY": str(args.workers),
             },
         ),
     ]
     try:
         await wait_ready(f"{upstream}/health")
-        await wait_ready(f"{base}/api/health")
+        await wait_ready(f"{base}/api/health", timeout=60)
         token = await register(base)
         direct_spec, aihub_spec = direct_arm(upstream), aihub_arm(base, token)
         # Warm up both paths (connection pools, imports, JIT-free caches).

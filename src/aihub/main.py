@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -17,7 +18,9 @@ from aihub.core.db import create_engine, create_sessionmaker
 from aihub.core.errors import install_error_handlers
 from aihub.core.metrics import metrics_endpoint
 from aihub.core.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
-from aihub.providers.routing import ProviderRegistry
+from aihub.providers.routing import ModelChain, ProviderRegistry
+
+logger = logging.getLogger("aihub")
 
 TAGS = [
     {"name": "ideas", "description": "Business ideas, streamed as Markdown (seed 1)."},
@@ -35,9 +38,10 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=_lifespan,
     )
     app.state.settings = settings
-    install_error_handlers(app)
     include_routers(app)
     app.add_route("/metrics", metrics_endpoint, include_in_schema=False)
+    install_error_handlers(app)  # innermost: its 500s pass through CORS
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.cors_origins,
@@ -47,9 +51,21 @@ def create_app(settings: Settings) -> FastAPI:
         expose_headers=["X-Request-ID", "Retry-After"],
         max_age=600,
     )
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)
     app.add_middleware(RequestContextMiddleware)
     return app
+
+
+def _log_products(chains: dict[str, ModelChain], *, configured: dict[str, str]) -> None:
+    for product, chain in chains.items():
+        offline = chain.primary.provider.name == "offline"
+        logger.log(
+            logging.WARNING if offline and configured[product] != chain.label else logging.INFO,
+            "%s runs on %s%s",
+            product,
+            chain.label,
+            " (offline: no credentials for the configured providers)" if offline else "",
+            extra={"product": product, "chain": chain.label, "configured": configured[product]},
+        )
 
 
 def create_app_from_environment() -> FastAPI:
@@ -76,6 +92,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.sessions = create_sessionmaker(engine)
     app.state.providers = providers
     app.state.chains = {"ideas": providers.text_chain(settings.ideas_model)}
+    app.state.configured_chains = {"ideas": settings.ideas_model}
+    _log_products(app.state.chains, configured=app.state.configured_chains)
     app.state.authenticator = await Authenticator.create(settings)
     try:
         yield

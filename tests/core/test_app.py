@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+
+import pytest
+
 from tests.conftest import MakeApp, Served
 
 
@@ -83,6 +87,7 @@ async def test_health_ready_and_metrics(served: Served) -> None:
         "provider": "openai",
         "model": "gpt-5-nano",
         "chain": "openai:gpt-5-nano",
+        "configured": "openai:gpt-5-nano",
         "offline": False,
     }
     ready = await served.client.get("/api/ready")
@@ -105,3 +110,24 @@ async def test_docs_tag_every_route(served: Served) -> None:
         for method, operation in operations.items():
             assert operation.get("tags"), f"{method.upper()} {path} has no tag"
     assert (await served.client.get("/docs")).status_code == 200
+    error_schema = spec["paths"]["/api/ideas"]["get"]["responses"]["422"]
+    assert error_schema["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorRead")
+
+
+async def test_unexpected_error_is_one_logged_500_that_browsers_can_read(
+    served: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def broken() -> None:
+        raise RuntimeError("boom")
+
+    served.app.add_api_route("/test/broken", broken)
+    with caplog.at_level(logging.ERROR):
+        response = await served.client.get(
+            "/test/broken", headers={"Origin": "http://localhost:3000"}
+        )
+    assert response.status_code == 500
+    assert response.json() == {"error": "internal_error", "detail": "Internal server error"}
+    assert response.headers["access-control-allow-origin"] == "http://localhost:3000"
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1
+    assert errors[0].exc_info is not None

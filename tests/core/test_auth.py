@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 from aihub.core.auth import (
     Authenticator,
     ClerkIdentity,
-    CurrentUser,
+    CurrentPlan,
     LocalIdentity,
     OptionalUser,
     require_plan,
@@ -429,8 +429,8 @@ async def test_optional_user_and_plan_gate(make_app: Any, fake_clerk: FakeClerk)
         async def whoami(user: OptionalUser) -> dict[str, str | None]:
             return {"clerk_id": user.clerk_id if user else None}
 
-        async def premium(user: CurrentUser) -> dict[str, str]:
-            require_plan(user, "premium_subscription")
+        async def premium(plan: CurrentPlan) -> dict[str, str]:
+            require_plan(plan, "premium_subscription")
             return {"ok": "yes"}
 
         served.app.add_api_route("/test/whoami", whoami)
@@ -451,3 +451,17 @@ async def test_optional_user_and_plan_gate(make_app: Any, fake_clerk: FakeClerk)
         paid_token = fake_clerk.issue_token("user_o", pla="u:premium_subscription")
         paid = await client.get("/test/premium", headers=bearer(paid_token))
         assert paid.status_code == 200
+        # The plan ends with the token that stops claiming it, cache or no cache.
+        lapsed = await client.get("/test/premium", headers=bearer(fake_clerk.issue_token("user_o")))
+        assert lapsed.status_code == 403
+
+
+async def test_hostile_profile_claims_are_stored_safely(
+    make_app: Any, fake_clerk: FakeClerk
+) -> None:
+    token = fake_clerk.issue_token("user_h", email="a" * 400 + "@x.test", name="Eve\u0000 Null")
+    async with make_app() as served:
+        response = await served.client.get("/api/me", headers=bearer(token))
+    assert response.status_code == 200
+    assert response.json()["email"] is None
+    assert response.json()["name"] == "Eve Null"

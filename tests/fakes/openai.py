@@ -193,6 +193,8 @@ class FakeOpenAI:
     def reset(self) -> None:
         self.tokens: list[str] = tokenize(DEFAULT_TEXT)
         self.token_delay = 0.0
+        self.first_token_delay = 0.0
+        """Seconds of "thinking" between the role chunk and the first token."""
         """Seconds between two streamed tokens."""
         self.prompt_tokens = 17
         self.completion_tokens: int | None = None
@@ -295,6 +297,8 @@ class FakeOpenAI:
     async def _chunks(self, model: str, *, include_usage: bool) -> AsyncIterator[bytes]:
         chunk = _ChunkTemplate(model, include_usage=include_usage)
         yield chunk.delta({"role": "assistant", "content": "", "refusal": None})
+        if self.first_token_delay:
+            await asyncio.sleep(self.first_token_delay)
         tokens = self.tokens[: self.fail_after] if self.fail_after is not None else self.tokens
         async for _, token in paced(tokens, self.token_delay):
             yield chunk.delta({"content": token})

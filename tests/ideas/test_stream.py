@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 
 import httpx
 import pytest
@@ -59,7 +60,8 @@ async def test_json_variant_names_events_and_reports_the_stored_idea(
     events = event_source_events(response.text)
     deltas = [e for e in events if e.event == "delta"]
     assert "".join(e.data["text"] for e in deltas) == DEFAULT_TEXT  # type: ignore[index]
-    assert all(e.id for e in events)
+    # No ids: an idea cannot be resumed, so a reconnecting client must not send Last-Event-ID.
+    assert not any(e.id for e in events)
     done = events[-1]
     assert done.event == "done"
     assert isinstance(done.data, dict)
@@ -94,9 +96,13 @@ async def test_history_is_paginated_and_private(served: Served) -> None:
     other = await served.client.get(f"/api/ideas/{ids[0]}", headers=bearer(bob))
     assert other.status_code == 404
     assert other.json()["error"] == "not_found"
-    bad_cursor = await served.client.get("/api/ideas?cursor=zzz", headers=bearer(alice))
-    assert bad_cursor.status_code == 422
-    assert isinstance(bad_cursor.json()["detail"], str)
+    naive = base64.urlsafe_b64encode(f"2030-01-01T00:00:00|{ids[0]}".encode()).decode()
+    for cursor in ("zzz", naive, "//8"):
+        bad_cursor = await served.client.get(
+            "/api/ideas", params={"cursor": cursor}, headers=bearer(alice)
+        )
+        assert bad_cursor.status_code == 422
+        assert isinstance(bad_cursor.json()["detail"], str)
 
 
 def assert_markdown_error(response: httpx.Response, status: int, words: str) -> None:
@@ -202,6 +208,18 @@ async def test_client_disconnect_stops_upstream_and_saves_partial_idea(
     assert len(ideas[0]["content"]) < len(DEFAULT_TEXT)
 
 
+async def test_client_leaving_before_the_first_token_stops_the_upstream(
+    served: Served, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.first_token_delay = 5
+    _, token = await create_user(served.client)
+    with pytest.raises(httpx.ReadTimeout):
+        await served.client.get("/api", headers=bearer(token), timeout=httpx.Timeout(15, read=0.5))
+    await asyncio.wait_for(fake_openai.disconnected.wait(), timeout=3)
+    ideas = (await served.client.get("/api/ideas", headers=bearer(token))).json()["items"]
+    assert ideas == []
+
+
 async def test_offline_when_no_key(make_app: MakeApp) -> None:
     async with make_app(openai_api_key=None) as served:
         health = (await served.client.get("/api/health")).json()
@@ -211,6 +229,8 @@ async def test_offline_when_no_key(make_app: MakeApp) -> None:
         response = await read_stream(served.client, token, format="json")
         done = event_source_events(response.text)[-1]
         assert done.data["provider"] == "offline"  # type: ignore[index]
+        assert response.headers["x-aihub-provider"] == "offline:offline"
+        assert health["products"]["ideas"]["configured"] == "openai:gpt-5-nano"
         text = "".join(
             e.data["text"]  # type: ignore[index]
             for e in event_source_events(response.text)

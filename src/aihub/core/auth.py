@@ -19,7 +19,8 @@ Dependencies (FastAPI `Annotated` aliases):
 - `CurrentUser` — the caller's `User`, from `Authorization: Bearer <token>`; 401 otherwise.
 - `OptionalUser` — `User | None`: None when there is no `Authorization` header at all.
 - `AuthenticatorDep` — `app.state.authenticator`.
-- `require_plan(user, plan)` — raises `PlanRequired` (403, code "plan_required").
+- `CurrentPlan` — the caller's plan: a Clerk token's claim, or a local user's stored plan.
+- `require_plan(plan, required)` — raises `PlanRequired` (403, code "plan_required").
 
 Accepted tokens: Clerk session tokens and Clerk JWT-template tokens (RS256, keys from
 `CLERK_JWKS_URL` or the PEM in `CLERK_JWT_KEY`), and tokens aihub issues itself (RS256, its own
@@ -37,7 +38,6 @@ session: a stream must not hold a database connection for its whole length.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid
@@ -55,25 +55,24 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from aihub.core.config import ConfigError, Settings
-from aihub.core.errors import Forbidden, ServiceUnavailable, Unauthorized
+from aihub.core.errors import Forbidden, Unauthorized
+from aihub.core.jwks import JwksCache
 from aihub.users import service
 from aihub.users.models import User
-from aihub.users.tokens import ISSUER, TokenIssuer
+from aihub.users.tokens import ALGORITHM, ISSUER, TokenIssuer
 
 logger = logging.getLogger("aihub.auth")
 
-ALGORITHM = "RS256"
-MAX_JWKS_BYTES = 256 * 1024
+
+AUTH_ERRORS = {
+    401: "Missing, invalid or expired token",
+    503: "Clerk's signing keys cannot be fetched right now",
+}
 
 
 class PlanRequired(Forbidden):
     code = "plan_required"
     default_message = "Your plan does not include this feature"
-
-
-class KeysUnavailable(ServiceUnavailable):
-    code = "auth_keys_unavailable"
-    default_message = "Authentication keys are temporarily unavailable"
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,125 +93,6 @@ class ClerkIdentity:
 
 
 Identity = LocalIdentity | ClerkIdentity
-
-
-class JwksCache:
-    """Clerk's public keys by kid, refreshed in the background and served stale on failure."""
-
-    def __init__(
-        self,
-        url: str,
-        *,
-        client: httpx.AsyncClient,
-        cooldown_seconds: float,
-        max_age_seconds: float,
-        timeout_seconds: float,
-    ) -> None:
-        self.url = url
-        self._client = client
-        self._cooldown = cooldown_seconds
-        self._max_age = max_age_seconds
-        self._timeout = timeout_seconds
-        self._keys: dict[str, jwt.PyJWK] = {}
-        self._fetched_at: float | None = None
-        self._attempted_at: float | None = None
-        self._last_failed = False
-        self._refresh_task: asyncio.Task[None] | None = None
-
-    def cached(self, kid: str) -> jwt.PyJWK | None:
-        """A cached key, starting a background refresh when the cache is old (never waits)."""
-        key = self._keys.get(kid)
-        if key is not None and self._is_old() and self._may_attempt():
-            self.start_refresh()
-        return key
-
-    async def get(self, kid: str) -> jwt.PyJWK | None:
-        """The key for `kid`, refreshing once for an unknown kid unless in cool-down.
-
-        None when the key set is known and lacks `kid`; `KeysUnavailable` when it cannot be known.
-        """
-        if (key := self.cached(kid)) is not None:
-            return key
-        if self._refreshing() or self._may_attempt():
-            # shield: a caller that goes away must not cancel the refresh others wait on.
-            await asyncio.shield(self.start_refresh())
-        if (key := self._keys.get(kid)) is not None:
-            return key
-        if self._last_failed:
-            raise KeysUnavailable()
-        return None
-
-    def start_refresh(self) -> asyncio.Task[None]:
-        """Start a refresh unless one is running; either way return the running one."""
-        if self._refresh_task is None or self._refresh_task.done():
-            self._attempted_at = time.monotonic()
-            self._refresh_task = asyncio.create_task(self._refresh(), name="clerk-jwks-refresh")
-        return self._refresh_task
-
-    async def aclose(self) -> None:
-        task = self._refresh_task
-        if task is not None and not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-
-    def _refreshing(self) -> bool:
-        return self._refresh_task is not None and not self._refresh_task.done()
-
-    def _may_attempt(self) -> bool:
-        return self._attempted_at is None or (
-            time.monotonic() - self._attempted_at >= self._cooldown
-        )
-
-    def _is_old(self) -> bool:
-        return self._fetched_at is None or time.monotonic() - self._fetched_at >= self._max_age
-
-    async def _refresh(self) -> None:
-        try:
-            keys = await self._fetch()
-        except (httpx.HTTPError, ValueError) as exc:
-            self._last_failed = True
-            logger.warning(
-                "could not fetch Clerk's signing keys; serving cached keys",
-                extra={
-                    "jwks_url": self.url,
-                    "error": type(exc).__name__,
-                    "cached": len(self._keys),
-                },
-            )
-            return
-        self._keys = keys
-        self._fetched_at = time.monotonic()
-        self._last_failed = False
-        logger.info("fetched Clerk's signing keys", extra={"keys": len(keys)})
-
-    async def _fetch(self) -> dict[str, jwt.PyJWK]:
-        response = await self._client.get(self.url, timeout=self._timeout)
-        response.raise_for_status()
-        if len(response.content) > MAX_JWKS_BYTES:
-            raise ValueError("JWKS document too large")
-        keys = parse_jwks(response.json())
-        if not keys:
-            raise ValueError("JWKS document has no usable RS256 key")
-        return keys
-
-
-def parse_jwks(document: Any) -> dict[str, jwt.PyJWK]:
-    """The usable RS256 signing keys of a JWKS document, by kid; other keys are skipped."""
-    if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
-        raise ValueError("not a JWKS document")
-    keys: dict[str, jwt.PyJWK] = {}
-    for entry in document["keys"]:
-        if not isinstance(entry, dict) or not isinstance(entry.get("kid"), str):
-            continue
-        if entry.get("kty") != "RSA" or entry.get("alg", ALGORITHM) != ALGORITHM:
-            continue
-        if entry.get("use", "sig") != "sig":
-            continue
-        try:
-            keys[entry["kid"]] = jwt.PyJWK(entry, algorithm=ALGORITHM)
-        except jwt.PyJWKError:
-            continue
-    return keys
 
 
 def parse_public_key(pem: str, *, source: str) -> rsa.RSAPublicKey:
@@ -427,6 +307,8 @@ def clerk_identity(claims: dict[str, Any]) -> ClerkIdentity:
         parts = (_text(claims.get("first_name")), _text(claims.get("last_name")))
         name = " ".join(part for part in parts if part) or None
     email = _text(claims.get("email"))
+    if email is not None and len(email) > 320:
+        email = None  # not an address anyone can have; keep the user, drop the claim
     return ClerkIdentity(
         clerk_id=clerk_id,
         email=email.lower() if email else None,
@@ -443,7 +325,10 @@ def _plan(claims: dict[str, Any]) -> str | None:
 
 
 def _text(value: object) -> str | None:
-    return value.strip() or None if isinstance(value, str) else None
+    """A claim as storable text: NUL characters (PostgreSQL refuses them) removed."""
+    if not isinstance(value, str):
+        return None
+    return value.replace("\x00", "").strip() or None
 
 
 async def get_authenticator(request: Request) -> Authenticator:
@@ -466,6 +351,7 @@ async def get_current_user(
     if credentials is None:
         raise Unauthorized()
     identity = await authenticator.verify(credentials.credentials)
+    request.state.identity = identity
     user = authenticator.users.get(identity)
     if user is not None:
         return user
@@ -505,7 +391,17 @@ CurrentUser = Annotated[User, Depends(get_current_user)]
 OptionalUser = Annotated[User | None, Depends(get_optional_user)]
 
 
-def require_plan(user: User, plan: str | None) -> None:
-    """Raise `PlanRequired` unless `user` is on `plan` (None: no plan needed)."""
-    if plan is not None and user.plan != plan:
-        raise PlanRequired()
+async def get_current_plan(request: Request, user: CurrentUser) -> str | None:
+    """The caller's plan: a Clerk token's own claim (the token is the authority, so a plan that
+    ended ends at once), else the local user's plan."""
+    identity: Identity = request.state.identity
+    return identity.plan if isinstance(identity, ClerkIdentity) else user.plan
+
+
+CurrentPlan = Annotated[str | None, Depends(get_current_plan)]
+
+
+def require_plan(plan: str | None, required: str | None) -> None:
+    """Raise `PlanRequired` unless `plan` is `required` (None: no plan needed)."""
+    if required is not None and plan != required:
+        raise PlanRequired(f"This needs the {required} plan")

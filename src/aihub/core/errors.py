@@ -13,8 +13,10 @@ from typing import Any, ClassVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger("aihub.errors")
 
@@ -91,6 +93,18 @@ class ServiceUnavailable(AppError):
     default_message = "Service temporarily unavailable"
 
 
+class ErrorRead(BaseModel):
+    """Every error aihub answers (the ideas stream's default format aside)."""
+
+    error: str = Field(description="Machine-readable code, e.g. `not_found`")
+    detail: str = Field(description="What went wrong, for people")
+
+
+def error_responses(descriptions: Mapping[int, str]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` for the errors a route can answer."""
+    return {code: {"model": ErrorRead, "description": text} for code, text in descriptions.items()}
+
+
 ErrorRenderer = Callable[[int, str, str, Mapping[str, str]], Response]
 
 
@@ -113,6 +127,9 @@ def describe_validation_errors(errors: list[Any]) -> str:
     """A readable summary that never repeats what was submitted (it may be a secret)."""
     parts = []
     for error in errors:
+        if error.get("type") == "json_invalid":
+            parts.append("body: not valid JSON")
+            continue
         location = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
         parts.append(f"{location}: {error.get('msg', 'invalid')}")
     return "; ".join(parts) or "Invalid request"
@@ -147,13 +164,41 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
     return _render(request, exc.status_code, code, detail, headers=exc.headers or {})
 
 
-async def handle_unexpected_error(request: Request, exc: Exception) -> Response:
-    logger.exception("unhandled error", exc_info=exc)
-    return _render(request, 500, AppError.code, AppError.default_message)
+class UnexpectedErrorMiddleware:
+    """Turns an unexpected exception into a logged 500 in the request's error format.
+
+    It sits inside CORS (so a browser can read the 500) and swallows the exception once it is
+    logged here with the request id (so it is not logged a second time by the server). An error
+    after the response started cannot become a 500: it propagates, and the connection is cut.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            if started:
+                raise
+            logger.exception("unhandled error", exc_info=exc)
+            request = Request(scope, receive)
+            response = _render(request, 500, AppError.code, AppError.default_message)
+            await response(scope, receive, send)
 
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(AppError, handle_app_error)
     app.add_exception_handler(RequestValidationError, handle_validation_error)
     app.add_exception_handler(StarletteHTTPException, handle_http_exception)
-    app.add_exception_handler(Exception, handle_unexpected_error)
+    app.add_middleware(UnexpectedErrorMiddleware)

@@ -25,7 +25,9 @@ provider_errors = Counter(
     "aihub_provider_errors_total", "Errors from model providers.", ["provider", "code"]
 )
 provider_requests = Counter(
-    "aihub_provider_requests_total", "Calls made to model providers.", ["provider", "outcome"]
+    "aihub_provider_requests_total",
+    "Provider calls by outcome: opened (output began) or failed (before any output).",
+    ["provider", "outcome"],
 )
 
 

@@ -24,8 +24,11 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         created_at, _, id = raw.partition("|")
-        return datetime.fromisoformat(created_at), uuid.UUID(id)
-    except ValueError:
+        at = datetime.fromisoformat(created_at)
+        if at.tzinfo is None:
+            raise ValueError("cursor time without a zone")
+        return at, uuid.UUID(id)
+    except (ValueError, UnicodeDecodeError):
         raise Unprocessable("cursor: not a cursor this API returned") from None
 
 

@@ -17,18 +17,24 @@ request) the moment the client goes away.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 import orjson
 from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Message, Send
 
 from aihub.core import metrics
+from aihub.core.errors import AppError
+
+T = TypeVar("T")
 
 STREAM_HEADERS = {"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "no"}
 
@@ -181,6 +187,39 @@ class TextEncoder:
 
 
 # --- the response ------------------------------------------------------------------------------
+
+
+class ClientDisconnected(AppError):
+    """The client left before the stream began (nginx's 499: nobody reads this answer)."""
+
+    status_code = 499
+    code = "client_disconnected"
+    default_message = "The client closed the request"
+
+
+async def unless_disconnected(request: Request, opening: Awaitable[T]) -> T:
+    """Await `opening` (a provider's first output), cancelling it if the client leaves first.
+
+    Before the first byte nothing else watches the connection, and with slow-thinking models
+    most of a request's cost is spent before it: a client that goes away must stop it.
+    """
+    work = asyncio.ensure_future(opening)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((work, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if work.done():
+        return work.result()
+    work.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await work
+    raise ClientDisconnected()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def stream_response(

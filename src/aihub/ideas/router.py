@@ -2,15 +2,21 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 from starlette.responses import Response
 
-from aihub.core.auth import CurrentUser
+from aihub.core.auth import AUTH_ERRORS, CurrentPlan, CurrentUser, require_plan
 from aihub.core.config import SettingsDep
 from aihub.core.db import SessionDep, Sessions
-from aihub.core.sse import JSONEventEncoder, MarkdownEventEncoder, stream_response
+from aihub.core.errors import error_responses
+from aihub.core.sse import (
+    JSONEventEncoder,
+    MarkdownEventEncoder,
+    stream_response,
+    unless_disconnected,
+)
 from aihub.ideas import service
 from aihub.ideas.dependencies import IdeasChain, markdown_errors
 from aihub.ideas.schemas import IdeaPage, IdeaRead
@@ -28,13 +34,24 @@ as `text/event-stream` with one readable Markdown line.
 id, usage and provider, or `error` `{"code", "message"}`; errors before the stream are JSON.
 """
 
-_ERRORS: dict[int | str, dict[str, object]] = {
-    401: {"description": "Missing or invalid token"},
-    403: {"description": "The user's plan does not include business ideas"},
-    429: {"description": "The provider is rate limiting"},
-    502: {"description": "The provider failed"},
-    503: {"description": "The provider or the auth keys are unavailable"},
+_STREAM_ERRORS = {
+    **AUTH_ERRORS,
+    403: "The caller's plan does not include business ideas",
+    422: "Invalid query parameter",
+    429: "The provider is rate limiting",
+    502: "The provider failed",
+    503: "The provider or the auth keys are unavailable",
 }
+
+
+def _stream_error_responses() -> dict[int | str, dict[str, Any]]:
+    """Errors arrive as JSON with `?format=json`, as one Markdown line of SSE otherwise."""
+    responses = error_responses(_STREAM_ERRORS)
+    for response in responses.values():
+        response["content"] = {
+            "text/event-stream": {"example": "event: error\ndata: **Error:** ...\n\n"}
+        }
+    return responses
 
 
 @router.get(
@@ -43,10 +60,12 @@ _ERRORS: dict[int | str, dict[str, object]] = {
     description=_STREAM_DESCRIPTION,
     dependencies=[Depends(markdown_errors)],
     response_class=Response,
-    responses={200: {"content": {"text/event-stream": {}}}, **_ERRORS},
+    responses={200: {"content": {"text/event-stream": {}}}, **_stream_error_responses()},
 )
 async def stream_idea(
+    request: Request,
     user: CurrentUser,
+    plan: CurrentPlan,
     settings: SettingsDep,
     sessions: Sessions,
     chain: IdeasChain,
@@ -55,9 +74,10 @@ async def stream_idea(
     ] = "markdown",
 ) -> Response:
     started_at = time.perf_counter()
-    service.check_plan(user, required_plan=settings.ideas_required_plan)
-    stream = await service.start_idea(
-        sessions, chain=chain, user=user, prompt=settings.ideas_prompt
+    require_plan(plan, settings.ideas_required_plan or None)
+    stream = await unless_disconnected(
+        request,
+        service.start_idea(sessions, chain=chain, user=user, prompt=settings.ideas_prompt),
     )
     encoder = JSONEventEncoder() if format == "json" else MarkdownEventEncoder()
     return stream_response(
@@ -67,10 +87,16 @@ async def stream_idea(
         provider=stream.provider,
         started_at=started_at,
         keepalive_seconds=settings.sse_keepalive_seconds,
+        headers={"X-AIHub-Provider": f"{stream.provider}:{stream.model}"},
     )
 
 
-@router.get("/api/ideas", summary="List my ideas, newest first", response_model=IdeaPage)
+@router.get(
+    "/api/ideas",
+    summary="List my ideas, newest first",
+    response_model=IdeaPage,
+    responses=error_responses({**AUTH_ERRORS, 422: "Invalid limit or cursor"}),
+)
 async def list_ideas(
     user: CurrentUser,
     session: SessionDep,
@@ -87,7 +113,7 @@ async def list_ideas(
     "/api/ideas/{idea_id}",
     summary="Get one of my ideas",
     response_model=IdeaRead,
-    responses={404: {"description": "No such idea of yours"}},
+    responses=error_responses({**AUTH_ERRORS, 404: "No such idea of yours", 422: "Not an id"}),
 )
 async def get_idea(user: CurrentUser, session: SessionDep, idea_id: uuid.UUID) -> IdeaRead:
     return IdeaRead.model_validate(await service.get_idea(session, user=user, idea_id=idea_id))

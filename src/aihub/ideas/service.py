@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -12,7 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from aihub.core.db import utcnow
-from aihub.core.errors import Forbidden, NotFound
+from aihub.core.errors import NotFound
 from aihub.core.pagination import encode_cursor, newest_first
 from aihub.core.sse import StreamEvent
 from aihub.ideas.models import Idea
@@ -21,15 +22,6 @@ from aihub.providers.routing import ModelChain, OpenedStream
 from aihub.users.models import User
 
 logger = logging.getLogger("aihub.ideas")
-
-
-class PlanRequired(Forbidden):
-    code = "plan_required"
-
-
-def check_plan(user: User, *, required_plan: str | None) -> None:
-    if required_plan and user.plan != required_plan:
-        raise PlanRequired(f"Business ideas need the {required_plan} plan")
 
 
 @dataclass
@@ -64,24 +56,26 @@ async def _idea_events(
 ) -> AsyncIterator[StreamEvent]:
     draft = _Draft(parts=[])
     failure: ProviderError | None = None
-    seq = 0
     try:
         async for event in opened:
             if isinstance(event, TextDelta):
                 draft.parts.append(event.text)
-                seq += 1
-                yield StreamEvent.delta(event.text, id=str(seq))
+                yield StreamEvent.delta(event.text)
             elif isinstance(event, Usage):
                 draft.usage = event
             elif isinstance(event, Finish):
                 draft.finish_reason = event.reason
     except ProviderError as exc:
         failure = exc
-    except BaseException:
-        # The client went away (cancelled or closed): keep what was produced.
+    except BaseException as exc:
+        # Keep what was produced: the client went away (the stream was cancelled or closed),
+        # or something broke that is not the provider's doing.
+        gone = isinstance(exc, asyncio.CancelledError | GeneratorExit)
         with anyio.CancelScope(shield=True):
             await opened.aclose()
-            await _save(sessions, idea, draft, error="client_disconnected")
+            await _save(
+                sessions, idea, draft, error="client_disconnected" if gone else "internal_error"
+            )
         raise
     await opened.aclose()
     error = failure.code if failure else None
@@ -99,7 +93,6 @@ async def _idea_events(
             "usage": {"input_tokens": idea.input_tokens, "output_tokens": idea.output_tokens},
             "finish_reason": idea.finish_reason,
         },
-        id=str(seq + 1),
     )
 
 

@@ -64,7 +64,11 @@ class OpenedStream:
         # A plain iterator, not a generator: one less frame on every event of every stream.
         if self._head:
             return self._head.pop(0)
-        return await anext(self._rest)
+        try:
+            return await anext(self._rest)
+        except ProviderError as exc:
+            metrics.provider_errors.labels(self.provider, exc.code).inc()
+            raise
 
     async def aclose(self) -> None:
         await self._rest.aclose()
@@ -87,8 +91,9 @@ class ModelChain:
         error: ProviderError | None = None
         for candidate in self.candidates:
             try:
-                return await _open(candidate, request)
+                opened = await _open(candidate, request)
             except ProviderError as exc:
+                metrics.provider_requests.labels(candidate.provider.name, "failed").inc()
                 metrics.provider_errors.labels(candidate.provider.name, exc.code).inc()
                 logger.warning(
                     "provider failed before its first output",
@@ -97,6 +102,9 @@ class ModelChain:
                 if not exc.fallback:
                     raise
                 error = exc
+            else:
+                metrics.provider_requests.labels(candidate.provider.name, "opened").inc()
+                return opened
         assert error is not None
         raise error
 

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Response
 
-from aihub.core.auth import AuthenticatorDep, CurrentUser
+from aihub.core.auth import AUTH_ERRORS, AuthenticatorDep, CurrentUser
 from aihub.core.db import SessionDep
+from aihub.core.errors import error_responses
 from aihub.users import service
 from aihub.users.models import User
 from aihub.users.schemas import (
     AccountCreate,
-    ErrorRead,
     JwksRead,
     LoginRequest,
     TokenRead,
@@ -23,21 +21,15 @@ from aihub.users.service import RegistrationClosed
 
 router = APIRouter(tags=["auth"])
 
-_INVALID_BODY: dict[int | str, dict[str, Any]] = {
-    422: {"model": ErrorRead, "description": "Invalid body"}
-}
-_UNAUTHORIZED: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorRead, "description": "Missing, invalid or expired token"},
-    503: {"model": ErrorRead, "description": "Clerk's signing keys cannot be fetched"},
-}
+_INVALID_BODY = error_responses({422: "Invalid body"})
+_UNAUTHORIZED = error_responses(AUTH_ERRORS)
 
 
 @router.post(
     "/api/auth/register",
     status_code=201,
     responses={
-        403: {"model": ErrorRead, "description": "Registration is closed"},
-        409: {"model": ErrorRead, "description": "The email already has an account"},
+        **error_responses({403: "Registration is closed", 409: "The email already has an account"}),
         **_INVALID_BODY,
     },
 )
@@ -54,7 +46,7 @@ async def register_account(
 @router.post(
     "/api/auth/login",
     responses={
-        401: {"model": ErrorRead, "description": "Invalid email or password"},
+        **error_responses({401: "Invalid email or password"}),
         **_INVALID_BODY,
     },
 )

@@ -54,10 +54,5 @@ class UserRead(BaseModel):
     clerk_id: str | None
 
 
-class ErrorRead(BaseModel):
-    error: str
-    detail: str
-
-
 class JwksRead(BaseModel):
     keys: list[dict[str, str]]
