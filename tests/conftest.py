@@ -35,7 +35,7 @@ pytest_plugins = [
 ]
 
 # Tests decide every setting themselves: nothing from the developer's shell or .env leaks in.
-for _name in Settings.model_fields:
+for _name in [*Settings.model_fields, "WEB_CONCURRENCY", "WORKERS"]:
     os.environ.pop(_name.upper(), None)
 
 

@@ -1,29 +1,125 @@
-"""`aihub serve | migrate | users create`."""
+"""`aihub serve | migrate | users create`.
+
+Every command checks what it can before it starts (settings, the data folder, keys, the database)
+and reports a problem as one line on stderr with a non-zero exit, never a traceback.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from aihub.core.config import ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from sqlalchemy.exc import DBAPIError
 
 app = typer.Typer(help="aihub: five AI products behind one backend.", no_args_is_help=True)
 users_app = typer.Typer(help="Manage local accounts.", no_args_is_help=True)
 app.add_typer(users_app, name="users")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+DATABASE_CONNECT_TIMEOUT_SECONDS = 10.0
+
+
+@contextmanager
+def _reported_config_errors() -> Iterator[None]:
+    try:
+        yield
+    except ConfigError as exc:
+        for line in str(exc).splitlines():
+            typer.echo(f"aihub: {line}", err=True)
+        raise typer.Exit(2) from None
 
 
 def _settings() -> Settings:
-    try:
+    with _reported_config_errors():
         return load_settings()
-    except ConfigError as exc:
-        typer.echo(f"aihub: {exc}", err=True)
-        raise typer.Exit(2) from None
+
+
+def check_start_up(settings: Settings) -> None:
+    """Blocking: raise `ConfigError` for what settings validation alone cannot see."""
+    from aihub.core.auth import parse_public_key
+    from aihub.users.tokens import check_signing_key
+
+    prepare_data_dir(settings.data_dir)
+    check_signing_key(settings)
+    if settings.clerk_jwt_key:
+        parse_public_key(settings.clerk_jwt_key, source="CLERK_JWT_KEY")
+    check_database(settings.resolved_database_url)
+
+
+def prepare_data_dir(path: Path) -> None:
+    """Create the data folder if need be and prove it writable."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"DATA_DIR: {path} is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"DATA_DIR: cannot create {path} ({_os_reason(exc)})") from None
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"DATA_DIR: cannot write to {path} ({_os_reason(exc)})") from None
+
+
+def check_database(url: str) -> None:
+    """Connect once, so that an unreachable database fails here rather than at a request."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import DBAPIError
+
+    try:
+        asyncio.run(_connect(url))
+    except (OSError, DBAPIError) as exc:  # TimeoutError is an OSError
+        parsed = make_url(url)  # only host, port or path are shown: never the password
+        if parsed.get_backend_name() == "sqlite":
+            where = f"cannot open the database at {parsed.database}"
+        else:
+            host = parsed.host or "localhost"
+            where = f"cannot connect to the database at {host}:{parsed.port or 5432}"
+        raise ConfigError(f"{where} ({_database_reason(exc)})") from None
+
+
+async def _connect(url: str) -> None:
+    from aihub.core.db import create_engine
+
+    engine = create_engine(url, pool_size=1)
+    try:
+        async with asyncio.timeout(DATABASE_CONNECT_TIMEOUT_SECONDS), engine.connect():
+            pass
+    finally:
+        await engine.dispose()
+
+
+def _database_reason(exc: OSError | DBAPIError) -> str:
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {DATABASE_CONNECT_TIMEOUT_SECONDS:g}s"
+    if isinstance(exc, OSError):
+        return _os_reason(exc)
+    # SQLAlchemy wraps the adapter's error, which wraps the driver's: say what the driver said.
+    driver_error: BaseException = exc
+    if exc.orig is not None:
+        driver_error = exc.orig.__cause__ or exc.orig
+    first_line = str(driver_error).strip().partition("\n")[0]
+    return first_line or type(driver_error).__name__
+
+
+def _os_reason(exc: OSError) -> str:
+    if isinstance(exc, socket.gaierror):
+        return f"unknown host: {exc.strerror}"
+    if exc.errno is not None and exc.errno > 0:
+        return os.strerror(exc.errno).lower()
+    return str(exc) or type(exc).__name__
 
 
 def alembic_config(database_url: str) -> object:
@@ -39,7 +135,6 @@ def run_migrations(settings: Settings) -> None:
     """Bring the database schema to the latest revision (synchronous: call it off the loop)."""
     from alembic import command
 
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
     command.upgrade(alembic_config(settings.resolved_database_url), "head")  # type: ignore[arg-type]
 
 
@@ -49,7 +144,7 @@ def serve(
     port: Annotated[int | None, typer.Option(help="Port to bind (PORT)")] = None,
     migrate: Annotated[bool, typer.Option(help="Apply migrations before serving")] = True,
     workers: Annotated[
-        int | None, typer.Option(help="Worker processes (WEB_CONCURRENCY)", min=1)
+        int | None, typer.Option(help="Worker processes (WORKERS or WEB_CONCURRENCY)", min=1)
     ] = None,
 ) -> None:
     """Apply migrations, then serve every product."""
@@ -59,6 +154,8 @@ def serve(
     from aihub.main import create_app
 
     settings = _settings()
+    with _reported_config_errors():
+        check_start_up(settings)
     configure_logging(settings.log_level, settings.log_format)
     if migrate:
         run_migrations(settings)
@@ -88,6 +185,8 @@ def migrate() -> None:
     from aihub.core.logging import configure_logging
 
     settings = _settings()
+    with _reported_config_errors():
+        check_start_up(settings)
     configure_logging(settings.log_level, "console")
     run_migrations(settings)
     typer.echo("database is up to date")
@@ -102,6 +201,8 @@ def create_user(
     from aihub.core.errors import AppError
 
     settings = _settings()
+    with _reported_config_errors():
+        check_start_up(settings)
     run_migrations(settings)
     try:
         user_id = asyncio.run(_create_user(settings, email, password))

@@ -9,10 +9,20 @@ from __future__ import annotations
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from fastapi import Depends, Request
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from sqlalchemy.engine import make_url
 
 CommaList = Annotated[list[str], NoDecode]
 
@@ -25,12 +35,16 @@ class ConfigError(Exception):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+    model_config = SettingsConfigDict(
+        env_file=".env", extra="ignore", case_sensitive=False, validate_by_name=True
+    )
 
     # Server
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
-    workers: int = Field(default=1, ge=1, le=64, validation_alias="WEB_CONCURRENCY")
+    workers: int = Field(
+        default=1, ge=1, le=64, validation_alias=AliasChoices("WORKERS", "WEB_CONCURRENCY")
+    )
     data_dir: Path = Path("data")
     public_base_url: str | None = None
     cors_origins: CommaList = Field(default_factory=lambda: list(DEFAULT_CORS_ORIGINS))
@@ -102,11 +116,31 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
 
+    @field_validator(
+        "clerk_jwks_url",
+        "openai_base_url",
+        "gemini_base_url",
+        "replicate_base_url",
+        "public_base_url",
+    )
+    @classmethod
+    def _absolute_http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.strip()
+        if not _is_absolute_http_url(value):
+            raise ValueError("must be an absolute http:// or https:// URL")
+        return value
+
     @field_validator("database_url")
     @classmethod
     def _async_driver(cls, value: str | None) -> str | None:
         if value is None:
             return None
+        try:
+            make_url(value)
+        except ValueError:  # never echo the URL: it may hold a password
+            raise ValueError("not a valid database URL") from None
         for prefix in ("postgres://", "postgresql://", "postgresql+psycopg2://"):
             if value.startswith(prefix):
                 return "postgresql+asyncpg://" + value.removeprefix(prefix)
@@ -136,8 +170,20 @@ class Settings(BaseSettings):
 
     @property
     def is_embedded(self) -> bool:
-        """True for the zero-configuration default: SQLite and no Clerk."""
-        return self.resolved_database_url.startswith("sqlite") and not self.clerk_configured
+        """True for the zero-configuration default: SQLite, no Clerk and no provider credentials.
+
+        Only then is registration open by default (`AUTH_ALLOW_REGISTRATION` unset): an install
+        holding a provider key must not let strangers sign up and spend it.
+        """
+        return (
+            self.resolved_database_url.startswith("sqlite")
+            and not self.clerk_configured
+            and not self.provider_credentials_configured
+        )
+
+    @property
+    def provider_credentials_configured(self) -> bool:
+        return bool(self.openai_api_key or self.gemini_api_key or self.replicate_api_token)
 
     @property
     def clerk_configured(self) -> bool:
@@ -148,6 +194,18 @@ class Settings(BaseSettings):
         if self.auth_allow_registration is None:
             return self.is_embedded
         return self.auth_allow_registration
+
+
+def _is_absolute_http_url(value: str) -> bool:
+    try:
+        parts = urlsplit(value)
+        return (
+            parts.scheme.lower() in ("http", "https")
+            and bool(parts.hostname)
+            and (parts.port is None or parts.port > 0)
+        )
+    except ValueError:  # an unparsable port or IPv6 address
+        return False
 
 
 def parse_model_chain(spec: str) -> list[tuple[str, str]]:
@@ -168,11 +226,22 @@ def load_settings(**overrides: object) -> Settings:
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
-        problems = []
-        for error in exc.errors(include_input=False, include_url=False):
-            name = ".".join(str(part) for part in error["loc"]).upper() or "settings"
-            problems.append(f"{name}: {error['msg']}")
-        raise ConfigError("invalid configuration\n  " + "\n  ".join(problems)) from None
+        errors = exc.errors(include_input=False, include_url=False)
+        raise ConfigError("\n".join(_problem(error) for error in errors)) from None
+
+
+def _problem(error: ErrorDetails) -> str:
+    """`"CLERK_JWKS_URL: must be ..."`, naming the variable (every name it goes by)."""
+    message = error["msg"]
+    if error["type"] == "value_error":  # our own validators: drop pydantic's "Value error, "
+        message = str(error.get("ctx", {}).get("error", message))
+    if not error["loc"]:
+        return message
+    names = [str(error["loc"][0])]
+    field = Settings.model_fields.get(names[0].lower())
+    if field is not None and isinstance(field.validation_alias, AliasChoices):
+        names = [str(choice) for choice in field.validation_alias.choices]
+    return f"{' or '.join(name.upper() for name in names)}: {message}"
 
 
 async def get_settings(request: Request) -> Settings:

@@ -65,26 +65,10 @@ class Conflict(AppError):
     default_message = "Conflict"
 
 
-class PayloadTooLarge(AppError):
-    status_code = 413
-    code = "payload_too_large"
-    default_message = "Request body too large"
-
-
 class Unprocessable(AppError):
     status_code = 422
     code = "validation_error"
     default_message = "Invalid request"
-
-
-class TooManyRequests(AppError):
-    status_code = 429
-    code = "rate_limited"
-    default_message = "Too many requests"
-
-    def __init__(self, message: str | None = None, *, retry_after: int | None = None) -> None:
-        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-        super().__init__(message, headers=headers)
 
 
 class ServiceUnavailable(AppError):

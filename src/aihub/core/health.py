@@ -3,17 +3,16 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
-from sqlalchemy import text
-from sqlalchemy.exc import SQLAlchemyError
-from starlette.responses import JSONResponse
 
 from aihub import __version__
-from aihub.core.db import Sessions
+from aihub.core.db import Sessions, ping
+from aihub.core.errors import error_responses
 from aihub.providers.routing import ModelChain
 
 router = APIRouter(tags=["health"])
 
 
+@router.head("/api/health", include_in_schema=False)
 @router.get("/api/health", summary="Liveness, and which provider serves each product")
 async def health(request: Request) -> dict[str, Any]:
     chains: dict[str, ModelChain] = request.app.state.chains
@@ -37,19 +36,8 @@ async def health(request: Request) -> dict[str, Any]:
 @router.get(
     "/api/ready",
     summary="Readiness: the database answers",
-    responses={503: {"description": "The database does not answer"}},
+    responses=error_responses({503: "The database does not answer"}),
 )
-async def ready(sessions: Sessions) -> JSONResponse:
-    try:
-        async with sessions() as session:
-            await session.execute(text("SELECT 1"))
-    except (SQLAlchemyError, OSError, TimeoutError) as exc:
-        return JSONResponse(
-            {
-                "status": "unavailable",
-                "error": "database_unavailable",
-                "detail": type(exc).__name__,
-            },
-            status_code=503,
-        )
-    return JSONResponse({"status": "ready", "database": "ok"})
+async def ready(sessions: Sessions) -> dict[str, str]:
+    await ping(sessions)
+    return {"status": "ready", "database": "ok"}

@@ -82,7 +82,7 @@ class BodySizeLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = scope.get("state", {}).get("body_limit_override", self.max_bytes)
+        limit = self.max_bytes
         declared = _content_length(scope)
         if declared is not None and declared > limit:
             await _send_413(send, limit)

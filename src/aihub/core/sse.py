@@ -76,9 +76,11 @@ class MarkdownEventEncoder:
     The client appends each event's data to its buffer. An event's data is its data lines joined
     by `\\n`, except that leading empty lines are dropped, so no event may *start* with a newline.
     The encoder therefore holds back the last visible character of each delta (and any newlines
-    after it) and sends it at the head of the next event: every event starts with visible text,
-    and the concatenation is exactly the model's text. Line breaks are normalised to `\\n`
-    (a `\\r` would end an SSE line).
+    after it) and sends it at the head of the next event, so the concatenation is exactly the
+    model's text. The cost: that character reaches the client one delta later. The exceptions:
+    newlines before the first visible character of the whole text cannot be represented (they
+    do not change the rendered Markdown), and line breaks are normalised to `\\n` (a `\\r`
+    would end an SSE line).
     """
 
     media_type: str = "text/event-stream"

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from aihub.core.errors import AppError
+from aihub.core.logging import redact
 
 # --- requests ---------------------------------------------------------------------------------
 
@@ -138,7 +139,8 @@ class ProviderError(AppError):
         retry_after: int | None = None,
     ) -> None:
         headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-        super().__init__(message, headers=headers)
+        # Upstream messages can echo a credential back: scrub whatever an adapter passes on.
+        super().__init__(redact(message) if message else None, headers=headers)
         self.provider = provider
         self.upstream_status = upstream_status
         self.retry_after = retry_after

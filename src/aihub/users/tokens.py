@@ -111,6 +111,16 @@ def load_signing_key(settings: Settings) -> rsa.RSAPrivateKey:
     return parse_private_key(path.read_bytes(), source=str(path))
 
 
+def check_signing_key(settings: Settings) -> None:
+    """Blocking: raise `ConfigError` now if the configured or stored key is unusable.
+
+    Unlike `load_signing_key` it never creates the key file, so a command that only checks the
+    configuration leaves the data folder as it found it.
+    """
+    if settings.auth_jwt_private_key is not None or (settings.data_dir / KEY_FILE_NAME).exists():
+        load_signing_key(settings)
+
+
 def parse_private_key(pem: bytes, *, source: str) -> rsa.RSAPrivateKey:
     try:
         key = serialization.load_pem_private_key(pem, password=None)

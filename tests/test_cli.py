@@ -1,0 +1,108 @@
+"""The real `aihub` command in a subprocess: bad configuration is one line on stderr."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from aihub.core.config import Settings
+
+TIMEOUT_SECONDS = 60  # the command imports the whole app first; a slow machine needs ~5 s
+
+SETTINGS_VARIABLES = {name.upper() for name in Settings.model_fields} | {"WEB_CONCURRENCY"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def run_aihub(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """`aihub *args` with a scratch DATA_DIR, run where no `.env` is found, nothing else set."""
+    environment = {k: v for k, v in os.environ.items() if k.upper() not in SETTINGS_VARIABLES}
+    environment |= {"DATA_DIR": str(tmp_path / "data"), "PORT": str(free_port()), **env}
+    return subprocess.run(
+        [sys.executable, "-m", "aihub.cli", *args],
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_SECONDS,
+        check=False,
+    )
+
+
+def escaped(pem: str) -> str:
+    """A PEM as one `.env` line, newlines written as `\\n`."""
+    return pem.strip().replace("\n", "\\n")
+
+
+BAD_SETTINGS = {
+    "clerk-jwt-key": ({"CLERK_JWT_KEY": "notapem"}, "aihub: CLERK_JWT_KEY: not a PEM public key"),
+    "auth-jwt-private-key": (
+        {"AUTH_JWT_PRIVATE_KEY": "garbage"},
+        "aihub: AUTH_JWT_PRIVATE_KEY: not an unencrypted PEM private key",
+    ),
+    "unreachable-database": (
+        {"DATABASE_URL": "postgresql://nobody:s3cret-pw@127.0.0.1:1/x"},
+        "aihub: cannot connect to the database at 127.0.0.1:1 (connection refused)",
+    ),
+    "data-dir": (
+        {"DATA_DIR": "/proc/nope"},
+        "aihub: DATA_DIR: cannot create /proc/nope (no such file or directory)",
+    ),
+    "clerk-jwks-url": (
+        {"CLERK_JWKS_URL": "notaurl"},
+        "aihub: CLERK_JWKS_URL: must be an absolute http:// or https:// URL",
+    ),
+}
+
+
+@pytest.mark.parametrize("command", ["serve", "migrate"])
+@pytest.mark.parametrize(("env", "line"), BAD_SETTINGS.values(), ids=BAD_SETTINGS.keys())
+def test_bad_setting_is_one_line_and_a_failed_exit(
+    tmp_path: Path, command: str, env: dict[str, str], line: str
+) -> None:
+    result = run_aihub(tmp_path, command, **env)
+    assert result.returncode != 0
+    assert result.stderr.splitlines() == [line]
+    assert "Traceback" not in result.stdout + result.stderr
+    assert "s3cret-pw" not in result.stdout + result.stderr
+
+
+def test_data_dir_that_is_a_file_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "data").write_text("not a folder")
+    result = run_aihub(tmp_path, "migrate")
+    assert result.returncode != 0
+    assert result.stderr.splitlines() == [f"aihub: DATA_DIR: {tmp_path / 'data'} is not a folder"]
+
+
+def test_migrate_on_a_fresh_data_dir(tmp_path: Path) -> None:
+    result = run_aihub(tmp_path, "migrate")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "database is up to date"
+    assert (tmp_path / "data" / "aihub.db").is_file()
+    assert "Traceback" not in result.stderr
+
+
+def test_migrate_accepts_one_line_pem_keys(tmp_path: Path, auth_private_key: str) -> None:
+    private_key = serialization.load_pem_private_key(auth_private_key.encode(), password=None)
+    public_pem = private_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    result = run_aihub(
+        tmp_path,
+        "migrate",
+        AUTH_JWT_PRIVATE_KEY=escaped(auth_private_key),
+        CLERK_JWT_KEY=escaped(public_pem.decode()),
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "database is up to date"
