@@ -168,7 +168,9 @@ def serve(
         load_signing_key(settings)
         options = {"workers": workers, "factory": True}
     uvicorn.run(
-        "aihub.main:create_app_from_environment" if workers > 1 else create_app(settings),
+        "aihub.main:create_app_from_environment"
+        if workers > 1
+        else create_app(settings, freeze_gc=True),
         **options,
         host=host or settings.host,
         port=port or settings.port,

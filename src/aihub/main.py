@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -29,7 +30,11 @@ TAGS = [
 ]
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, *, freeze_gc: bool = False) -> FastAPI:
+    """The app. `freeze_gc` (for a server process, not tests): after start-up, move every object
+    that exists then out of the garbage collector's sight, so that a full collection no longer
+    walks the ~200,000 objects of the loaded libraries: that walk took 50-180 ms, and every
+    stream stood still meanwhile."""
     app = FastAPI(
         title="aihub",
         version=__version__,
@@ -38,6 +43,7 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=_lifespan,
     )
     app.state.settings = settings
+    app.state.freeze_gc = freeze_gc
     include_routers(app)
     app.add_route("/metrics", metrics_endpoint, include_in_schema=False)
     install_error_handlers(app)  # innermost: its 500s pass through CORS
@@ -75,7 +81,7 @@ def create_app_from_environment() -> FastAPI:
 
     settings = load_settings()
     configure_logging(settings.log_level, settings.log_format)
-    return create_app(settings)
+    return create_app(settings, freeze_gc=True)
 
 
 @asynccontextmanager
@@ -95,6 +101,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.configured_chains = {"ideas": settings.ideas_model}
     _log_products(app.state.chains, configured=app.state.configured_chains)
     app.state.authenticator = await Authenticator.create(settings)
+    if app.state.freeze_gc:
+        gc.collect()
+        gc.freeze()
     try:
         yield
     finally:
