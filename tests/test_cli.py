@@ -6,8 +6,11 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
 
@@ -106,3 +109,50 @@ def test_migrate_accepts_one_line_pem_keys(tmp_path: Path, auth_private_key: str
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "database is up to date"
+
+
+def test_serve_runs_the_embedded_default_from_nothing(tmp_path: Path) -> None:
+    """The README's first command: no configuration, migrations applied, ideas on `offline`."""
+    port = free_port()
+    environment = {k: v for k, v in os.environ.items() if k.upper() not in SETTINGS_VARIABLES}
+    environment |= {"DATA_DIR": str(tmp_path / "data"), "OFFLINE_TOKEN_DELAY_MS": "1"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "aihub.cli", "serve", "--port", str(port)],
+        cwd=tmp_path,
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            health = _wait_for_health(client, server)
+            assert health["products"]["ideas"]["offline"] is True
+            registered = client.post(
+                "/api/auth/register",
+                json={"email": "first@example.com", "password": "correct-horse"},
+            )
+            assert registered.status_code == 201
+            token = registered.json()["token"]
+            idea = client.get("/api", headers={"Authorization": f"Bearer {token}"})
+            assert idea.status_code == 200
+            assert idea.text.endswith("event: done\ndata:\n\n")
+            assert (tmp_path / "data" / "aihub.db").exists()
+    finally:
+        server.terminate()
+        _, stderr = server.communicate(timeout=TIMEOUT_SECONDS)
+    assert "Traceback" not in stderr
+
+
+def _wait_for_health(client: httpx.Client, server: subprocess.Popen[str]) -> dict[str, Any]:
+    deadline = time.monotonic() + TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        assert server.poll() is None, "aihub serve exited"
+        try:
+            response = client.get("/api/health")
+        except httpx.TransportError:
+            time.sleep(0.1)
+            continue
+        body: dict[str, Any] = response.json()
+        return body
+    raise AssertionError("aihub serve did not answer")

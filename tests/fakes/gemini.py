@@ -38,7 +38,7 @@ from tests.fakes.openai import (
     tokenize,
     tokens_of_length,
 )
-from tests.fakes.server import serve
+from tests.fakes.server import serve, serve_forever
 
 _STATUS_NAMES = {
     400: "INVALID_ARGUMENT",
@@ -278,8 +278,6 @@ async def fake_gemini(fake_gemini_server: FakeGemini) -> FakeGemini:
 
 
 def main() -> None:
-    import uvicorn
-
     parser = argparse.ArgumentParser(description="Serve the fake Gemini API on a loopback port.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9101)
@@ -289,16 +287,7 @@ def main() -> None:
     fake = FakeGemini()
     fake.tokens = tokens_of_length(args.tokens)
     fake.token_delay = args.delay_ms / 1000
-    uvicorn.run(
-        fake.app,
-        host=args.host,
-        port=args.port,
-        loop="uvloop",
-        http="httptools",
-        log_level="warning",
-        access_log=False,
-        backlog=4096,
-    )
+    serve_forever(fake.app, host=args.host, port=args.port)
 
 
 if __name__ == "__main__":

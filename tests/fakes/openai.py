@@ -34,7 +34,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from tests.fakes.server import serve
+from tests.fakes.server import serve, serve_forever
 
 DEFAULT_TEXT = (
     "# AgentDesk: an AI front desk for small clinics\n\n"
@@ -395,8 +395,6 @@ async def fake_openai(fake_openai_server: FakeOpenAI) -> FakeOpenAI:
 
 
 def main() -> None:
-    import uvicorn
-
     parser = argparse.ArgumentParser(description="Serve the fake OpenAI API on a loopback port.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9100)
@@ -406,16 +404,7 @@ def main() -> None:
     fake = FakeOpenAI()
     fake.tokens = tokens_of_length(args.tokens)
     fake.token_delay = args.delay_ms / 1000
-    uvicorn.run(
-        fake.app,
-        host=args.host,
-        port=args.port,
-        loop="uvloop",
-        http="httptools",
-        log_level="warning",
-        access_log=False,
-        backlog=4096,
-    )
+    serve_forever(fake.app, host=args.host, port=args.port)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from tests.fakes.openai import ReceivedRequest, ScriptedError, record
-from tests.fakes.server import serve
+from tests.fakes.server import serve, serve_forever
 
 Outcome = Literal["succeeded", "failed", "canceled"]
 
@@ -295,8 +295,6 @@ async def fake_replicate(fake_replicate_server: FakeReplicate) -> FakeReplicate:
 
 
 def main() -> None:
-    import uvicorn
-
     parser = argparse.ArgumentParser(description="Serve the fake Replicate API on a loopback port.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9102)
@@ -305,16 +303,7 @@ def main() -> None:
     fake = FakeReplicate()
     fake.base_url = f"http://{args.host}:{args.port}"
     fake.image_delay = args.delay_ms / 1000
-    uvicorn.run(
-        fake.app,
-        host=args.host,
-        port=args.port,
-        loop="uvloop",
-        http="httptools",
-        log_level="warning",
-        access_log=False,
-        backlog=4096,
-    )
+    serve_forever(fake.app, host=args.host, port=args.port)
 
 
 if __name__ == "__main__":

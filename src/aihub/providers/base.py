@@ -8,9 +8,11 @@ the spend.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar, Literal
 
 from aihub.core.errors import AppError
@@ -180,6 +182,52 @@ class ProviderBadRequest(ProviderError):
     code = "provider_bad_request"
     default_message = "The model provider refused the request"
     fallback = False
+
+
+_STATUS_ERRORS: dict[int, type[ProviderError]] = {
+    400: ProviderBadRequest,
+    401: ProviderAuthError,
+    403: ProviderAuthError,
+    404: ProviderNotFound,
+    408: ProviderUnavailable,
+    413: ProviderBadRequest,
+    422: ProviderBadRequest,
+    429: ProviderRateLimited,
+}
+
+
+def error_for_status(
+    status: int,
+    *,
+    provider: str,
+    label: str,
+    detail: str | None,
+    retry_after: int | None = None,
+    kind: type[ProviderError] | None = None,
+) -> ProviderError:
+    """The aihub error for an upstream HTTP status. An authentication failure never repeats the
+    provider's words (they may quote the key); `kind` overrides the class the status implies."""
+    if kind is None:
+        kind = ProviderUnavailable if status >= 500 else _STATUS_ERRORS.get(status, ProviderError)
+    if kind is ProviderAuthError:
+        message = f"{label} rejected the API key ({status})"
+    else:
+        message = f"{label} answered {status}: {(detail or 'no detail')[:500]}"
+    wait = retry_after if status in (429, 503) else None
+    return kind(message, provider=provider, upstream_status=status, retry_after=wait)
+
+
+def parse_retry_after(value: str | None) -> int | None:
+    """Seconds from a Retry-After header: a number of seconds or an HTTP date."""
+    value = (value or "").strip()
+    if not value:
+        return None
+    if value.isdigit():
+        return int(value)
+    try:
+        return max(0, round(parsedate_to_datetime(value).timestamp() - time.time()))
+    except (TypeError, ValueError):
+        return None
 
 
 # --- capabilities -----------------------------------------------------------------------------

@@ -11,10 +11,8 @@ SDK's timeout is also a per-read timeout rather than a deadline for the whole st
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import AsyncIterator, Mapping
 from contextvars import ContextVar
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import aiohttp
@@ -34,8 +32,6 @@ from aihub.providers.base import (
     ProviderAuthError,
     ProviderBadRequest,
     ProviderError,
-    ProviderNotFound,
-    ProviderRateLimited,
     ProviderUnavailable,
     TextDelta,
     TextEvent,
@@ -43,18 +39,10 @@ from aihub.providers.base import (
     TextProvider,
     TextRequest,
     Usage,
+    error_for_status,
+    parse_retry_after,
 )
 
-_STATUS_ERRORS: dict[int, type[ProviderError]] = {
-    400: ProviderBadRequest,
-    401: ProviderAuthError,
-    403: ProviderAuthError,
-    404: ProviderNotFound,
-    408: ProviderUnavailable,
-    413: ProviderBadRequest,
-    422: ProviderBadRequest,
-    429: ProviderRateLimited,
-}
 _FINISH_REASONS = {
     "STOP": "stop",
     "MAX_TOKENS": "length",
@@ -247,16 +235,15 @@ def _config(request: TextRequest) -> types.GenerateContentConfig:
 
 def _api_error(exc: genai_errors.APIError) -> ProviderError:
     status = exc.code if isinstance(exc.code, int) else 502
-    kind = ProviderUnavailable if status >= 500 else _STATUS_ERRORS.get(status, ProviderError)
-    if kind is ProviderBadRequest and _is_invalid_key(exc.details):
-        kind = ProviderAuthError  # Gemini answers a wrong key with 400 API_KEY_INVALID
-    if kind is ProviderAuthError:
-        message = f"Gemini rejected the API key ({status})"
-    else:
-        message = f"Gemini answered {status}: {str(exc.message or exc.status or 'no detail')[:500]}"
-    retry_after = _retry_after(exc) if status in (429, 503) else None
-    return kind(
-        message, provider=GeminiProvider.name, upstream_status=status, retry_after=retry_after
+    # Gemini answers a wrong key with 400 API_KEY_INVALID.
+    invalid_key = status == 400 and _is_invalid_key(exc.details)
+    return error_for_status(
+        status,
+        provider=GeminiProvider.name,
+        label="Gemini",
+        detail=str(exc.message or exc.status or "no detail"),
+        retry_after=_retry_after(exc),
+        kind=ProviderAuthError if invalid_key else None,
     )
 
 
@@ -276,19 +263,9 @@ def _retry_after(exc: genai_errors.APIError) -> int | None:
     if isinstance(headers, Mapping):
         for name, value in headers.items():
             if str(name).lower() == "retry-after":
-                return _parse_retry_after(str(value))
+                return parse_retry_after(str(value))
     for item in _error_details(exc.details):
         match = _SECONDS.match(str(item.get("retryDelay", "")))
         if match:
             return max(1, round(float(match.group(1))))
     return None
-
-
-def _parse_retry_after(value: str) -> int | None:
-    value = value.strip()
-    if value.isdigit():
-        return int(value)
-    try:
-        return max(0, round(parsedate_to_datetime(value).timestamp() - time.time()))
-    except (TypeError, ValueError):
-        return None

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import base64
 import re
-import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import aclosing
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import aiohttp
@@ -25,11 +23,8 @@ from aihub.providers.base import (
     Finish,
     MediaPart,
     Message,
-    ProviderAuthError,
     ProviderBadRequest,
     ProviderError,
-    ProviderNotFound,
-    ProviderRateLimited,
     ProviderUnavailable,
     TextDelta,
     TextEvent,
@@ -37,18 +32,10 @@ from aihub.providers.base import (
     TextProvider,
     TextRequest,
     Usage,
+    error_for_status,
+    parse_retry_after,
 )
 
-_STATUS_ERRORS: dict[int, type[ProviderError]] = {
-    400: ProviderBadRequest,
-    401: ProviderAuthError,
-    403: ProviderAuthError,
-    404: ProviderNotFound,
-    408: ProviderUnavailable,
-    413: ProviderBadRequest,
-    422: ProviderBadRequest,
-    429: ProviderRateLimited,
-}
 _FINISH_REASONS = {"stop": "stop", "length": "length", "content_filter": "content_filter"}
 _KEY_LIKE = re.compile(r"\b(sk|pk|rk)-[A-Za-z0-9_\-*]{6,}")
 
@@ -117,15 +104,13 @@ class OpenAIProvider(TextProvider):
             ) from exc
 
     def _status_error(self, exc: openai.APIStatusError) -> ProviderError:
-        status = exc.status_code
-        kind = ProviderUnavailable if status >= 500 else _STATUS_ERRORS.get(status, ProviderError)
-        if kind is ProviderAuthError:
-            # OpenAI's 401 message repeats part of the key: never pass it on.
-            message = f"OpenAI rejected the API key ({status})"
-        else:
-            message = f"OpenAI answered {status}: {self._redact(_upstream_message(exc))}"
-        retry_after = _retry_after(exc.response.headers) if status in (429, 503) else None
-        return kind(message, provider=self.name, upstream_status=status, retry_after=retry_after)
+        return error_for_status(
+            exc.status_code,
+            provider=self.name,
+            label="OpenAI",
+            detail=self._redact(_upstream_message(exc)),
+            retry_after=_retry_after(exc.response.headers),
+        )
 
     def _redact(self, text: str) -> str:
         if self._api_key:
@@ -258,12 +243,4 @@ def _retry_after(headers: Mapping[str, str]) -> int | None:
             return max(1, round(float(milliseconds) / 1000))
         except ValueError:
             pass
-    value = (headers.get("retry-after") or "").strip()
-    if not value:
-        return None
-    if value.isdigit():
-        return int(value)
-    try:
-        return max(0, round(parsedate_to_datetime(value).timestamp() - time.time()))
-    except (TypeError, ValueError):
-        return None
+    return parse_retry_after(headers.get("retry-after"))

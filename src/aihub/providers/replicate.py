@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from contextvars import ContextVar
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
@@ -24,26 +22,14 @@ from aihub.providers.base import (
     GeneratedImage,
     ImageProvider,
     ImageRequest,
-    ProviderAuthError,
-    ProviderBadRequest,
     ProviderError,
-    ProviderNotFound,
-    ProviderRateLimited,
     ProviderUnavailable,
+    error_for_status,
+    parse_retry_after,
 )
 
 logger = logging.getLogger("aihub.providers.replicate")
 
-_STATUS_ERRORS: dict[int, type[ProviderError]] = {
-    400: ProviderBadRequest,
-    401: ProviderAuthError,
-    403: ProviderAuthError,
-    404: ProviderNotFound,
-    408: ProviderUnavailable,
-    413: ProviderBadRequest,
-    422: ProviderBadRequest,
-    429: ProviderRateLimited,
-}
 _TERMINAL = frozenset({"succeeded", "failed", "canceled"})
 _FORMAT_TYPES = {"png": "image/png", "webp": "image/webp", "jpg": "image/jpeg"}
 
@@ -157,15 +143,12 @@ async def _note_retry_after(response: httpx.Response) -> None:
 
 
 def _status_error(status: int | None, detail: str | None, retry_after: str | None) -> ProviderError:
-    status = status or 502
-    kind = ProviderUnavailable if status >= 500 else _STATUS_ERRORS.get(status, ProviderError)
-    if kind is ProviderAuthError:
-        message = f"Replicate rejected the API token ({status})"
-    else:
-        message = f"Replicate answered {status}: {str(detail or 'no detail')[:500]}"
-    seconds = _parse_retry_after(retry_after) if status in (429, 503) else None
-    return kind(
-        message, provider=ReplicateProvider.name, upstream_status=status, retry_after=seconds
+    return error_for_status(
+        status or 502,
+        provider=ReplicateProvider.name,
+        label="Replicate",
+        detail=detail,
+        retry_after=parse_retry_after(retry_after),
     )
 
 
@@ -187,15 +170,3 @@ def _sniff_image_type(data: bytes) -> str | None:
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "image/webp"
     return None
-
-
-def _parse_retry_after(value: str | None) -> int | None:
-    value = (value or "").strip()
-    if not value:
-        return None
-    if value.isdigit():
-        return int(value)
-    try:
-        return max(0, round(parsedate_to_datetime(value).timestamp() - time.time()))
-    except (TypeError, ValueError):
-        return None
