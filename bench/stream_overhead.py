@@ -47,6 +47,13 @@ class Arm:
     failures: int = 0
 
 
+ArmSpec = tuple[
+    Callable[[aiohttp.ClientSession], Awaitable[aiohttp.ClientResponse]],
+    Callable[[bytes], bool],
+]
+"""How to open one stream of an arm, and which lines of it carry model text."""
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -97,9 +104,7 @@ async def read_stream(
     return Sample(first - started, largest_gap, chunks)
 
 
-def direct_arm(
-    upstream: str,
-) -> tuple[Callable[..., Awaitable[aiohttp.ClientResponse]], Callable[[bytes], bool]]:
+def direct_arm(upstream: str) -> ArmSpec:
     body = {
         "model": "gpt-5-nano",
         "messages": [{"role": "user", "content": "Come up with a new business idea"}],
@@ -122,21 +127,23 @@ def direct_arm(
     )
 
 
-def aihub_arm(
-    base: str, token: str
-) -> tuple[Callable[..., Awaitable[aiohttp.ClientResponse]], Callable[[bytes], bool]]:
+def aihub_arm(base: str, token: str, wire: str) -> ArmSpec:
+    """The ideas stream as the original client reads it (`markdown`) or as named JSON events."""
+    url = f"{base}/api" + ("?format=json" if wire == "json" else "")
+
     def request(session: aiohttp.ClientSession) -> Awaitable[aiohttp.ClientResponse]:
         return session.get(
-            f"{base}/api",
-            headers={"Authorization": f"Bearer {token}", "Accept": "text/event-stream"},
+            url, headers={"Authorization": f"Bearer {token}", "Accept": "text/event-stream"}
         )
 
+    if wire == "json":
+        return request, lambda line: line.startswith(b'data: {"text"')
     return request, lambda line: line.startswith(b"data: ") and len(line) > 7
 
 
 async def run_burst(
     arm: Arm,
-    spec: tuple[Callable[..., Awaitable[aiohttp.ClientResponse]], Callable[[bytes], bool]],
+    spec: ArmSpec,
     *,
     streams: int,
     arrival: float,
@@ -225,6 +232,12 @@ async def main() -> int:
     parser.add_argument("--single", type=int, default=30, help="sequential streams per arm")
     parser.add_argument("--rounds", type=int, default=2, help="ABBA rounds of the concurrent test")
     parser.add_argument("--workers", type=int, default=1, help="aihub worker processes")
+    parser.add_argument(
+        "--wire",
+        choices=["markdown", "json"],
+        default="markdown",
+        help="the ideas stream's format: the original client's Markdown framing, or ?format=json",
+    )
     args = parser.parse_args()
 
     upstream_port, aihub_port = free_port(), free_port()
@@ -269,7 +282,7 @@ async def main() -> int:
         await wait_ready(f"{upstream}/health")
         await wait_ready(f"{base}/api/health", timeout=60)
         token = await register(base)
-        direct_spec, aihub_spec = direct_arm(upstream), aihub_arm(base, token)
+        direct_spec, aihub_spec = direct_arm(upstream), aihub_arm(base, token, args.wire)
         # Warm up both paths (connection pools, imports, JIT-free caches).
         await run_burst(Arm("warm"), direct_spec, streams=5, arrival=0.1)
         await run_burst(Arm("warm"), aihub_spec, streams=5, arrival=0.1)
