@@ -1,0 +1,49 @@
+"""Log lines are JSON with the request id, and never carry a credential."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from aihub.core.logging import JsonFormatter, redact, request_id_var
+
+SECRETS = [
+    "Authorization: Bearer eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ1c2VyIn0.c2lnbmF0dXJl",
+    "key sk-proj-abcdefghijklmnop1234",
+    "token r8_abcdefghijklmnop",
+    "gemini AIzaSyA1234567890abcdefghijklmnopqrstu",
+    "clerk sk_live_abcdefghijklmnop",
+    "webhook whsec_abcdefghijklmnop",
+    '{"api_key": "anything-at-all"}',
+    "password=hunter2hunter2",
+]
+
+
+@pytest.mark.parametrize("line", SECRETS)
+def test_credentials_are_redacted(line: str) -> None:
+    secret = line.split()[-1].strip('"}').split("=")[-1]
+    assert secret not in redact(line)
+    assert "[REDACTED]" in redact(line)
+
+
+def test_ordinary_text_is_left_alone() -> None:
+    text = "GET /api/ideas 200 in 3.2 ms; 12 tokens; skipping"
+    assert redact(text) == text
+
+
+def test_json_lines_carry_the_request_id_and_extras() -> None:
+    token = request_id_var.set("abc123")
+    try:
+        record = logging.makeLogRecord(
+            {"name": "aihub.test", "levelname": "INFO", "levelno": 20, "msg": "hello %s"}
+        )
+        record.args = ("Bearer eyJabcdefgh.eyJabcdefgh.sig",)
+        record.idea_id = "i-1"
+        line = json.loads(JsonFormatter().format(record))
+    finally:
+        request_id_var.reset(token)
+    assert line["request_id"] == "abc123"
+    assert line["idea_id"] == "i-1"
+    assert "eyJabcdefgh" not in line["msg"]
