@@ -7,6 +7,7 @@ import logging
 import pytest
 
 from tests.conftest import MakeApp, Served
+from tests.factories import bearer, create_user
 
 
 async def test_body_over_the_limit_is_413_json(make_app: MakeApp) -> None:
@@ -45,7 +46,19 @@ async def test_malformed_json_is_a_clear_422(served: Served) -> None:
         "/api/auth/login", content=b"{not json", headers={"content-type": "application/json"}
     )
     assert response.status_code == 422
-    assert isinstance(response.json()["detail"], str)
+    assert response.json()["detail"] == "body: not valid JSON"
+
+
+async def test_a_bad_id_is_a_422_that_does_not_quote_it(served: Served) -> None:
+    response = await served.client.get("/api/ideas/secret-looking-value")
+    # Authentication comes first for a private resource; with a token the id is checked.
+    assert response.status_code == 401
+    _, token = await create_user(served.client)
+    response = await served.client.get("/api/ideas/sXcret-looking-value", headers=bearer(token))
+    assert response.status_code == 422
+    assert "sXcret" not in response.text
+    assert "`s`" not in response.text
+    assert "`X`" not in response.text
 
 
 async def test_unknown_route_and_method(served: Served) -> None:

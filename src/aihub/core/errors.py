@@ -107,15 +107,24 @@ def _render(request: Request, status_code: int, code: str, detail: str, **extra:
     return renderer(status_code, code, detail, headers)
 
 
+# Pydantic messages that quote part of the input, replaced by ones that do not.
+_QUOTING_MESSAGES = {
+    "uuid_parsing": "Input should be a valid UUID",
+    "url_parsing": "Input should be a valid URL",
+    "json_invalid": "not valid JSON",
+}
+
+
 def describe_validation_errors(errors: list[Any]) -> str:
     """A readable summary that never repeats what was submitted (it may be a secret)."""
     parts = []
     for error in errors:
-        if error.get("type") == "json_invalid":
-            parts.append("body: not valid JSON")
-            continue
+        kind = error.get("type", "")
+        message = _QUOTING_MESSAGES.get(kind) or error.get("msg", "invalid")
         location = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
-        parts.append(f"{location}: {error.get('msg', 'invalid')}")
+        if kind == "json_invalid":
+            location = "body"
+        parts.append(f"{location}: {message}")
     return "; ".join(parts) or "Invalid request"
 
 
@@ -131,7 +140,11 @@ async def handle_validation_error(request: Request, exc: Exception) -> Response:
     if renderer is not None:
         return _render(request, 422, "validation_error", detail)
     fields = [
-        {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+        {
+            "loc": list(e.get("loc", ())),
+            "msg": _QUOTING_MESSAGES.get(e.get("type", "")) or e.get("msg", ""),
+            "type": e.get("type", ""),
+        }
         for e in exc.errors()
     ]
     return JSONResponse(
