@@ -96,3 +96,12 @@ def test_text_encoder_marks_a_cut_reply() -> None:
     assert encoder.encode(StreamEvent.delta("<b>'x'</b>")) == b"<b>'x'</b>"
     cut = encoder.encode(StreamEvent.error("provider_unavailable", "upstream failed"))
     assert b"cut short" in cut
+
+
+def test_markdown_usage_event_releases_the_held_text() -> None:
+    encoder = MarkdownEventEncoder()
+    held = encoder.encode(StreamEvent.delta("Hello"))
+    assert markdown_buffer(held.decode()) == "Hell"
+    released = encoder.encode(StreamEvent("usage", {"input_tokens": 1, "output_tokens": 1}))
+    assert markdown_buffer((held + released).decode()) == "Hello"
+    assert encoder.encode(StreamEvent("done", {})) == b"event: done\ndata:\n\n"

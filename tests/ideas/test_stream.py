@@ -63,6 +63,7 @@ async def test_json_variant_names_events_and_reports_the_stored_idea(
     # No ids: an idea cannot be resumed, so a reconnecting client must not send Last-Event-ID.
     assert not any(e.id for e in events)
     done = events[-1]
+    assert [e.event for e in events[-2:]] == ["usage", "done"]
     assert done.event == "done"
     assert isinstance(done.data, dict)
     assert done.data["provider"] == "openai"

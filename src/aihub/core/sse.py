@@ -89,6 +89,8 @@ class MarkdownEventEncoder:
     def encode(self, event: StreamEvent) -> bytes:
         if event.kind == "delta":
             return self._frame(str(event.data))
+        if event.kind == "usage":
+            return self._flush()  # the text is complete: nothing is left to hold back for
         if event.kind == "done":
             return self._flush() + b"event: done\ndata:\n\n"
         if event.kind == "error":

@@ -48,6 +48,13 @@ class _Draft:
     usage: Usage | None = None
     finish_reason: str | None = None
 
+    def usage_read(self) -> dict[str, int | None]:
+        usage = self.usage
+        return {
+            "input_tokens": usage.input_tokens if usage else None,
+            "output_tokens": usage.output_tokens if usage else None,
+        }
+
 
 async def _idea_events(
     sessions: async_sessionmaker[AsyncSession],
@@ -56,30 +63,37 @@ async def _idea_events(
 ) -> AsyncIterator[StreamEvent]:
     draft = _Draft(parts=[])
     failure: ProviderError | None = None
+    finished = saved = False
     try:
-        async for event in opened:
-            if isinstance(event, TextDelta):
-                draft.parts.append(event.text)
-                yield StreamEvent.delta(event.text)
-            elif isinstance(event, Usage):
-                draft.usage = event
-            elif isinstance(event, Finish):
-                draft.finish_reason = event.reason
-    except ProviderError as exc:
-        failure = exc
+        try:
+            async for event in opened:
+                if isinstance(event, TextDelta):
+                    draft.parts.append(event.text)
+                    yield StreamEvent.delta(event.text)
+                elif isinstance(event, Usage):
+                    draft.usage = event
+                elif isinstance(event, Finish):
+                    draft.finish_reason = event.reason
+            finished = True
+        except ProviderError as exc:
+            failure = exc
+        await opened.aclose()
+        if failure is None:
+            # The text is whole: let the client have all of it now, not after the write below
+            # (which, on a busy embedded database, can take a good fraction of a second).
+            yield StreamEvent("usage", draft.usage_read())
+        await _save(sessions, idea, draft, error=failure.code if failure else None)
+        saved = True
     except BaseException as exc:
-        # Keep what was produced: the client went away (the stream was cancelled or closed),
-        # or something broke that is not the provider's doing.
-        gone = isinstance(exc, asyncio.CancelledError | GeneratorExit)
-        with anyio.CancelScope(shield=True):
-            await opened.aclose()
-            await _save(
-                sessions, idea, draft, error="client_disconnected" if gone else "internal_error"
-            )
+        if not saved:
+            # Keep what was produced: the client went away (the stream was cancelled or closed),
+            # or something broke that is not the provider's doing.
+            gone = isinstance(exc, asyncio.CancelledError | GeneratorExit)
+            error = None if finished else "client_disconnected" if gone else "internal_error"
+            with anyio.CancelScope(shield=True):
+                await opened.aclose()
+                await _save(sessions, idea, draft, error=error)
         raise
-    await opened.aclose()
-    error = failure.code if failure else None
-    await _save(sessions, idea, draft, error=error)
     if failure is not None:
         yield StreamEvent.error(failure.code, failure.message, idea_id=str(idea.id), partial=True)
         return
@@ -90,7 +104,7 @@ async def _idea_events(
             "status": idea.status,
             "provider": idea.provider,
             "model": idea.model,
-            "usage": {"input_tokens": idea.input_tokens, "output_tokens": idea.output_tokens},
+            "usage": draft.usage_read(),
             "finish_reason": idea.finish_reason,
         },
     )
