@@ -465,3 +465,18 @@ async def test_hostile_profile_claims_are_stored_safely(
     assert response.status_code == 200
     assert response.json()["email"] is None
     assert response.json()["name"] == "Eve Null"
+
+
+async def test_clerk_issuer_is_checked_when_configured(
+    make_app: Any, fake_clerk: FakeClerk
+) -> None:
+    async with make_app(clerk_issuer=fake_clerk.issuer) as served:
+        ours = await served.client.get("/api/me", headers=bearer(fake_clerk.issue_token("u1")))
+        other = fake_clerk.issue_token("u1", iss="https://evil.clerk.accounts.dev")
+        theirs = await served.client.get("/api/me", headers=bearer(other))
+        missing = fake_clerk.issue_token("u1", iss=None)
+        none = await served.client.get("/api/me", headers=bearer(missing))
+    assert ours.status_code == 200
+    assert theirs.status_code == 401
+    assert theirs.json()["detail"] == "Token issued by another Clerk instance"
+    assert none.status_code == 401

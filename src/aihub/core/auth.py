@@ -236,6 +236,7 @@ class Authenticator:
                 key,
                 algorithms=[ALGORITHM],
                 leeway=self._leeway,
+                issuer=self.settings.clerk_issuer,
                 options={"require": ["exp", "sub"], "verify_aud": False},
             )
         )
@@ -291,6 +292,8 @@ def _decode(decode: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         raise Unauthorized("Token not yet valid") from None
     except jwt.MissingRequiredClaimError as exc:
         raise Unauthorized(f"Token lacks the {exc.claim!r} claim") from None
+    except jwt.InvalidIssuerError:
+        raise Unauthorized("Token issued by another Clerk instance") from None
     except jwt.InvalidTokenError:
         raise Unauthorized("Invalid token") from None
     return claims

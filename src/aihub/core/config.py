@@ -60,6 +60,7 @@ class Settings(BaseSettings):
 
     # Auth: Clerk
     clerk_jwks_url: str | None = None
+    clerk_issuer: str | None = None
     clerk_jwt_key: str | None = None
     clerk_secret_key: SecretStr | None = None
     clerk_webhook_secret: SecretStr | None = None
@@ -104,6 +105,7 @@ class Settings(BaseSettings):
     @field_validator(
         "database_url",
         "clerk_jwks_url",
+        "clerk_issuer",
         "clerk_jwt_key",
         "openai_base_url",
         "gemini_base_url",
@@ -118,6 +120,7 @@ class Settings(BaseSettings):
 
     @field_validator(
         "clerk_jwks_url",
+        "clerk_issuer",
         "openai_base_url",
         "gemini_base_url",
         "replicate_base_url",
