@@ -18,7 +18,6 @@ request) the moment the client goes away.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
@@ -206,19 +205,28 @@ async def unless_disconnected(request: Request, opening: Awaitable[T]) -> T:
 
     Before the first byte nothing else watches the connection, and with slow-thinking models
     most of a request's cost is spent before it: a client that goes away must stop it.
+    `opening` runs in the caller's own task (under load every hop to another task costs a whole
+    turn of a busy event loop); a watcher task cancels it when the client disconnects.
     """
-    work = asyncio.ensure_future(opening)
-    watcher = asyncio.ensure_future(_disconnected(request))
+    task = asyncio.current_task()
+    assert task is not None
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        await _disconnected(request)
+        gone = True
+        task.cancel()
+
+    watcher = asyncio.create_task(watch())
     try:
-        await asyncio.wait((work, watcher), return_when=asyncio.FIRST_COMPLETED)
+        return await opening
+    except asyncio.CancelledError:
+        if gone and task.uncancel() == 0:
+            raise ClientDisconnected() from None
+        raise
     finally:
         watcher.cancel()
-    if work.done():
-        return work.result()
-    work.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await work
-    raise ClientDisconnected()
 
 
 async def _disconnected(request: Request) -> None:
