@@ -16,7 +16,9 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from aihub.core.middleware import RESPONSE_STARTED
 
 logger = logging.getLogger("aihub.errors")
 
@@ -164,7 +166,8 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
 class UnexpectedErrorMiddleware:
     """Turns an unexpected exception into a logged 500 in the request's error format.
 
-    It sits inside CORS (so a browser can read the 500) and swallows the exception once it is
+    It sits inside CORS (so a browser can read the 500), inside `RequestContextMiddleware`
+    (which marks the scope when the response starts), and swallows the exception once it is
     logged here with the request id (so it is not logged a second time by the server). An error
     after the response started cannot become a 500: it propagates, and the connection is cut.
     """
@@ -176,17 +179,10 @@ class UnexpectedErrorMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = False
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
         try:
-            await self.app(scope, receive, tracking_send)
+            await self.app(scope, receive, send)
         except Exception as exc:
-            if started:
+            if scope.get(RESPONSE_STARTED):
                 raise
             logger.exception("unhandled error", exc_info=exc)
             request = Request(scope, receive)

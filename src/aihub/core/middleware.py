@@ -18,6 +18,10 @@ from aihub.core.logging import request_id_var
 
 access_log = logging.getLogger("aihub.access")
 
+RESPONSE_STARTED = "aihub.response_started"
+"""Scope key set once the response has started: inner layers read it instead of wrapping
+`send` themselves (every wrapper costs every chunk of every stream)."""
+
 
 class RequestContextMiddleware:
     """Gives each request an id (or keeps a sane incoming `X-Request-ID`), logs and times it."""
@@ -37,6 +41,7 @@ class RequestContextMiddleware:
         async def send_with_id(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
+                scope[RESPONSE_STARTED] = True
                 status = message["status"]
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", request_id.encode()))
