@@ -61,16 +61,16 @@ def create_app(settings: Settings, *, freeze_gc: bool = False) -> FastAPI:
     return app
 
 
-def _log_products(chains: dict[str, ModelChain], *, configured: dict[str, str]) -> None:
+def _log_products(chains: dict[str, ModelChain]) -> None:
     for product, chain in chains.items():
         offline = chain.primary.provider.name == "offline"
         logger.log(
-            logging.WARNING if offline and configured[product] != chain.label else logging.INFO,
+            logging.WARNING if offline and chain.configured != chain.label else logging.INFO,
             "%s runs on %s%s",
             product,
             chain.label,
             " (offline: no credentials for the configured providers)" if offline else "",
-            extra={"product": product, "chain": chain.label, "configured": configured[product]},
+            extra={"product": product, "chain": chain.label, "configured": chain.configured},
         )
 
 
@@ -98,8 +98,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.sessions = create_sessionmaker(engine)
     app.state.providers = providers
     app.state.chains = {"ideas": providers.text_chain(settings.ideas_model)}
-    app.state.configured_chains = {"ideas": settings.ideas_model}
-    _log_products(app.state.chains, configured=app.state.configured_chains)
+    _log_products(app.state.chains)
     app.state.authenticator = await Authenticator.create(settings)
     if app.state.freeze_gc:
         gc.collect()

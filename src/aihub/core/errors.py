@@ -103,10 +103,15 @@ def use_error_renderer(request: Request, renderer: ErrorRenderer) -> None:
     request.state.error_renderer = renderer
 
 
-def _render(request: Request, status_code: int, code: str, detail: str, **extra: Any) -> Response:
+def _render(
+    request: Request,
+    status_code: int,
+    code: str,
+    detail: str,
+    headers: Mapping[str, str] | None = None,
+) -> Response:
     renderer: ErrorRenderer = getattr(request.state, "error_renderer", render_json)
-    headers: Mapping[str, str] = extra.get("headers") or {}
-    return renderer(status_code, code, detail, headers)
+    return renderer(status_code, code, detail, headers or {})
 
 
 # Pydantic messages that quote part of the input, replaced by ones that do not.
@@ -132,7 +137,7 @@ def describe_validation_errors(errors: list[Any]) -> str:
 
 async def handle_app_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, AppError)
-    return _render(request, exc.status_code, exc.code, exc.message, headers=exc.headers)
+    return _render(request, exc.status_code, exc.code, exc.message, exc.headers)
 
 
 async def handle_validation_error(request: Request, exc: Exception) -> Response:
@@ -160,7 +165,7 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
         exc.status_code, "http_error"
     )
     detail = exc.detail if isinstance(exc.detail, str) else "Request failed"
-    return _render(request, exc.status_code, code, detail, headers=exc.headers or {})
+    return _render(request, exc.status_code, code, detail, exc.headers)
 
 
 class UnexpectedErrorMiddleware:

@@ -16,7 +16,6 @@ router = APIRouter(tags=["health"])
 @router.get("/api/health", summary="Liveness, and which provider serves each product")
 async def health(request: Request) -> dict[str, Any]:
     chains: dict[str, ModelChain] = request.app.state.chains
-    configured: dict[str, str] = request.app.state.configured_chains
     return {
         "status": "ok",
         "version": __version__,
@@ -25,7 +24,7 @@ async def health(request: Request) -> dict[str, Any]:
                 "provider": chain.primary.provider.name,
                 "model": chain.primary.model,
                 "chain": chain.label,
-                "configured": configured.get(product),
+                "configured": chain.configured,
                 "offline": chain.primary.provider.name == "offline",
             }
             for product, chain in chains.items()

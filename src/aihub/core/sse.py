@@ -242,7 +242,6 @@ def stream_response(
     provider: str | None = None,
     started_at: float | None = None,
     keepalive_seconds: float = 15.0,
-    status_code: int = 200,
     headers: Mapping[str, str] | None = None,
 ) -> Response:
     """Stream `events` through `encoder`.
@@ -254,7 +253,6 @@ def stream_response(
     body = _encoded(events, encoder, product, provider, started_at or time.perf_counter())
     return _EventStream(
         body,
-        status_code=status_code,
         headers={**STREAM_HEADERS, **(headers or {})},
         media_type=encoder.media_type,
         ping=keepalive_seconds if keepalive is not None else 0,

@@ -35,9 +35,15 @@ async def start_idea(
     sessions: async_sessionmaker[AsyncSession], *, chain: ModelChain, user: User, prompt: str
 ) -> IdeaStream:
     """Open the provider stream; errors before its first output raise here, as HTTP errors."""
+    requested_at = utcnow()
     opened = await chain.open_stream(TextRequest(messages=(Message.user(prompt),)))
-    idea = Idea(id=uuid.uuid4(), user_id=user.id, created_at=utcnow())
-    idea.provider, idea.model = opened.provider, opened.model
+    idea = Idea(
+        id=uuid.uuid4(),
+        user_id=user.id,
+        created_at=requested_at,
+        provider=opened.provider,
+        model=opened.model,
+    )
     events = _idea_events(sessions, opened, idea)
     return IdeaStream(events, opened.provider, opened.model)
 
@@ -115,8 +121,8 @@ async def _save(
 ) -> None:
     idea.content = "".join(draft.parts)
     idea.status = "incomplete" if error else "complete"
-    idea.input_tokens = draft.usage.input_tokens if draft.usage else None
-    idea.output_tokens = draft.usage.output_tokens if draft.usage else None
+    usage = draft.usage_read()
+    idea.input_tokens, idea.output_tokens = usage["input_tokens"], usage["output_tokens"]
     idea.finish_reason = draft.finish_reason
     idea.error = error
     idea.completed_at = utcnow()

@@ -77,6 +77,8 @@ class OpenedStream:
 @dataclass(frozen=True, slots=True)
 class ModelChain:
     candidates: tuple[Candidate, ...]
+    configured: str
+    """The setting it was built from (it names providers that may have been left out)."""
 
     @property
     def label(self) -> str:
@@ -176,7 +178,7 @@ class ProviderRegistry:
             for provider, model in parse_model_chain(spec)
             if provider in self.text
         )
-        return ModelChain(candidates or (Candidate(self.offline, OFFLINE_MODEL),))
+        return ModelChain(candidates or (Candidate(self.offline, OFFLINE_MODEL),), spec)
 
     async def aclose(self) -> None:
         providers: list[TextProvider | ImageProvider] = [*self.text.values()]
