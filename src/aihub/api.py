@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
+from aihub.challenges import router as challenges
 from aihub.core import health
 from aihub.ideas import router as ideas
+from aihub.usage import router as usage
 from aihub.users import router as users
 
 
@@ -13,3 +15,6 @@ def include_routers(app: FastAPI) -> None:
     app.include_router(health.router)
     app.include_router(users.router)
     app.include_router(ideas.router)
+    app.include_router(challenges.router)
+    app.include_router(usage.router)
+    app.include_router(users.webhooks_router)

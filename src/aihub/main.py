@@ -14,8 +14,9 @@ from starlette.middleware.cors import CORSMiddleware
 from aihub import __version__
 from aihub.api import include_routers
 from aihub.core.auth import Authenticator
+from aihub.core.clock import Clock
 from aihub.core.config import Settings
-from aihub.core.db import create_engine, create_sessionmaker
+from aihub.core.db import create_engine, create_sessionmaker, utcnow
 from aihub.core.errors import install_error_handlers
 from aihub.core.metrics import metrics_endpoint
 from aihub.core.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
@@ -25,16 +26,22 @@ logger = logging.getLogger("aihub")
 
 TAGS = [
     {"name": "ideas", "description": "Business ideas, streamed as Markdown (seed 1)."},
+    {
+        "name": "challenges",
+        "description": "Multiple-choice coding challenges with a daily quota (seed 2).",
+    },
     {"name": "auth", "description": "Local accounts, aihub's tokens and the caller's profile."},
+    {"name": "usage", "description": "The caller's quotas and usage, per product."},
+    {"name": "webhooks", "description": "Clerk's user events, verified by their svix signature."},
     {"name": "health", "description": "Liveness, readiness and metrics."},
 ]
 
 
-def create_app(settings: Settings, *, freeze_gc: bool = False) -> FastAPI:
+def create_app(settings: Settings, *, freeze_gc: bool = False, clock: Clock = utcnow) -> FastAPI:
     """The app. `freeze_gc` (for a server process, not tests): after start-up, move every object
     that exists then out of the garbage collector's sight, so that a full collection no longer
     walks the ~200,000 objects of the loaded libraries: that walk took 50-180 ms, and every
-    stream stood still meanwhile."""
+    stream stood still meanwhile. `clock` gives the time quotas and webhooks go by."""
     app = FastAPI(
         title="aihub",
         version=__version__,
@@ -44,6 +51,7 @@ def create_app(settings: Settings, *, freeze_gc: bool = False) -> FastAPI:
     )
     app.state.settings = settings
     app.state.freeze_gc = freeze_gc
+    app.state.clock = clock
     include_routers(app)
     app.add_route("/metrics", metrics_endpoint, include_in_schema=False)
     install_error_handlers(app)  # innermost: its 500s pass through CORS
@@ -97,7 +105,10 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.engine = engine
     app.state.sessions = create_sessionmaker(engine)
     app.state.providers = providers
-    app.state.chains = {"ideas": providers.text_chain(settings.ideas_model)}
+    app.state.chains = {
+        "ideas": providers.text_chain(settings.ideas_model),
+        "challenges": providers.text_chain(settings.challenges_model),
+    }
     _log_products(app.state.chains)
     app.state.authenticator = await Authenticator.create(settings)
     if app.state.freeze_gc:

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 from fastapi import Depends, Request
 from pydantic import (
     AliasChoices,
+    BeforeValidator,
     Field,
     SecretStr,
     ValidationError,
@@ -25,6 +26,15 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
 CommaList = Annotated[list[str], NoDecode]
+
+
+def _unlimited_is_none(value: object) -> object:
+    if isinstance(value, str) and value.strip().lower() in ("", "unlimited", "none"):
+        return None
+    return value
+
+
+QuotaSetting = Annotated[Annotated[int, Field(ge=0)] | None, BeforeValidator(_unlimited_is_none)]
 
 DEFAULT_CORS_ORIGINS = ["http://localhost:3000", "http://localhost:5173", "http://localhost:5174"]
 PROVIDER_NAMES = ("openai", "gemini", "replicate", "offline")
@@ -94,6 +104,20 @@ class Settings(BaseSettings):
         "with headings, sub-headings and bullet points."
     )
     ideas_required_plan: str | None = None
+    challenges_model: str = "openai:gpt-4o-mini"
+    challenges_temperature: float | None = Field(default=0.7, ge=0, le=2)
+    challenges_fallback: bool = True
+
+    # Quotas: a new user starts with `*_INITIAL_QUOTA` (default: the daily one); every 24 hours
+    # the balance is topped up to at least `*_DAILY_QUOTA`. "unlimited" (or empty) turns it off.
+    challenges_daily_quota: QuotaSetting = 10
+    challenges_initial_quota: QuotaSetting = 50
+    ideas_daily_quota: QuotaSetting = 20
+    ideas_initial_quota: QuotaSetting = None
+    images_daily_quota: QuotaSetting = 50
+    images_initial_quota: QuotaSetting = None
+    chats_daily_quota: QuotaSetting = 200
+    chats_initial_quota: QuotaSetting = None
 
     @field_validator("cors_origins", "clerk_authorized_parties", mode="before")
     @classmethod
@@ -153,7 +177,17 @@ class Settings(BaseSettings):
             raise ValueError("must be a postgresql:// or sqlite:/// URL")
         return value
 
-    @field_validator("ideas_model")
+    @field_validator("clerk_webhook_secret")
+    @classmethod
+    def _svix_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None
+        from aihub.users.webhooks import decode_secret
+
+        decode_secret(value.get_secret_value())
+        return value
+
+    @field_validator("ideas_model", "challenges_model")
     @classmethod
     def _model_chain(cls, value: str) -> str:
         parse_model_chain(value)

@@ -35,3 +35,13 @@ class LocalCredential(Base):
 
     # Declared so that the unit of work inserts the user before its credential.
     user: Mapped[User] = relationship(lazy="raise")
+
+
+class WebhookDelivery(Base):
+    """A webhook delivery already applied, by its `svix-id`: a redelivery changes nothing."""
+
+    __tablename__ = "webhook_delivery"
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    event_type: Mapped[str] = mapped_column(String(100))
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)

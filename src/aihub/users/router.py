@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 
 from aihub.core.auth import AUTH_ERRORS, AuthenticatorDep, CurrentUser
-from aihub.core.db import SessionDep
-from aihub.core.errors import error_responses
-from aihub.users import service
+from aihub.core.clock import Now
+from aihub.core.config import SettingsDep
+from aihub.core.db import SessionDep, Sessions
+from aihub.core.errors import ServiceUnavailable, error_responses
+from aihub.usage.quotas import quota_policies
+from aihub.users import service, webhooks
 from aihub.users.models import User
 from aihub.users.schemas import (
     AccountCreate,
@@ -16,6 +19,7 @@ from aihub.users.schemas import (
     TokenRead,
     UserRead,
     UserSummary,
+    WebhookReceipt,
 )
 from aihub.users.service import RegistrationClosed
 
@@ -80,3 +84,56 @@ def _token_for(user: User, authenticator: AuthenticatorDep) -> TokenRead:
         expires_at=issued.expires_at,
         user=UserSummary(id=str(user.id), email=user.email),
     )
+
+
+webhooks_router = APIRouter(tags=["webhooks"])
+
+
+class WebhooksNotConfigured(ServiceUnavailable):
+    code = "webhooks_not_configured"
+    default_message = "CLERK_WEBHOOK_SECRET is not set on this server"
+
+
+_WEBHOOK_DESCRIPTION = """Clerk's `user.created`, `user.updated` and `user.deleted` events,
+delivered by svix and verified with `CLERK_WEBHOOK_SECRET`. Each delivery is applied once: a
+redelivery (same `svix-id`) answers 200 and changes nothing. `user.deleted` deletes everything the
+user owns. Other event types are acknowledged and ignored."""
+
+
+@webhooks_router.post(
+    "/webhooks/clerk",
+    summary="Receive a Clerk webhook",
+    description=_WEBHOOK_DESCRIPTION,
+    responses=error_responses(
+        {
+            400: "Missing or malformed svix headers, bad signature, stale timestamp or body",
+            503: "Webhooks are not configured",
+        }
+    ),
+)
+@webhooks_router.post(
+    "/clerk-webhook",
+    summary="Receive a Clerk webhook (the chats app's path)",
+    description="The same handler as `POST /webhooks/clerk`.",
+    responses=error_responses({400: "Verification failed", 503: "Webhooks are not configured"}),
+)
+async def receive_clerk_webhook(
+    request: Request,
+    settings: SettingsDep,
+    sessions: Sessions,
+    authenticator: AuthenticatorDep,
+    now: Now,
+) -> WebhookReceipt:
+    if settings.clerk_webhook_secret is None:
+        raise WebhooksNotConfigured()
+    applied = await webhooks.receive_clerk_webhook(
+        sessions,
+        body=await request.body(),
+        headers=request.headers,
+        key=webhooks.decode_secret(settings.clerk_webhook_secret.get_secret_value()),
+        policies=quota_policies(settings),
+        now=now,
+    )
+    if applied.user_id is not None:
+        authenticator.users.forget(applied.user_id)
+    return WebhookReceipt(status=applied.status)

@@ -56,3 +56,7 @@ class UserRead(BaseModel):
 
 class JwksRead(BaseModel):
     keys: list[dict[str, str]]
+
+
+class WebhookReceipt(BaseModel):
+    status: Literal["processed", "duplicate", "ignored"]

@@ -10,12 +10,12 @@ import re
 import uuid
 
 import bcrypt
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from aihub.core.db import utcnow
+from aihub.core.db import dialect_insert, utcnow
 from aihub.core.errors import Conflict, Forbidden, Unauthorized, Unprocessable
 from aihub.users.models import LocalCredential, User
 
@@ -151,9 +151,7 @@ async def get_or_create_clerk_user(
 
 def _insert_if_absent(session: AsyncSession) -> sqlite.Insert | postgresql.Insert:
     """INSERT ... ON CONFLICT (clerk_id) DO NOTHING in the session's dialect."""
-    if session.get_bind().dialect.name == "postgresql":
-        return postgresql.insert(User).on_conflict_do_nothing(index_elements=[User.clerk_id])
-    return sqlite.insert(User).on_conflict_do_nothing(index_elements=[User.clerk_id])
+    return dialect_insert(session, User).on_conflict_do_nothing(index_elements=[User.clerk_id])
 
 
 async def _user_by_clerk_id(session: AsyncSession, clerk_id: str) -> User | None:
@@ -163,4 +161,29 @@ async def _user_by_clerk_id(session: AsyncSession, clerk_id: str) -> User | None
 
 async def _credential_for(session: AsyncSession, email: str) -> LocalCredential | None:
     result = await session.execute(select(LocalCredential).where(LocalCredential.email == email))
+    return result.scalar_one_or_none()
+
+
+async def upsert_clerk_user(
+    session: AsyncSession,
+    *,
+    clerk_id: str,
+    email: str | None,
+    name: str | None,
+    plan: str | None,
+) -> User:
+    """The user behind a Clerk id with exactly this profile (None clears a field)."""
+    user = await get_or_create_clerk_user(
+        session, clerk_id=clerk_id, email=email, name=name, plan=plan
+    )
+    if (user.email, user.name, user.plan) != (email, name, plan):
+        user.email, user.name, user.plan = email, name, plan
+        await session.flush()
+    return user
+
+
+async def delete_clerk_user(session: AsyncSession, *, clerk_id: str) -> uuid.UUID | None:
+    """Delete the user and, by the foreign keys' cascades, everything they own; their id, or
+    None when there was no such user."""
+    result = await session.execute(delete(User).where(User.clerk_id == clerk_id).returning(User.id))
     return result.scalar_one_or_none()

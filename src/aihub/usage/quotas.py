@@ -1,0 +1,184 @@
+"""Per-user, per-product quotas: reserved atomically before a provider call, refunded after a
+failure.
+
+A balance lives in one `quota` row per user and product, created on first use with the policy's
+starting balance. Every `period` the balance is topped up to at least `daily` (a top-up never
+lowers a balance). The top-up and the reservation happen in one SQL statement, so sixty
+concurrent requests against ten remaining units give exactly ten successes on SQLite and on
+PostgreSQL alike.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Literal
+
+from sqlalchemy import case, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from aihub.core.config import Settings
+from aihub.core.db import dialect_insert
+from aihub.core.errors import AppError
+from aihub.usage.models import Quota
+
+Product = Literal["ideas", "challenges", "images", "chats"]
+PRODUCTS: tuple[Product, ...] = ("ideas", "challenges", "images", "chats")
+PERIOD = timedelta(hours=24)
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaPolicy:
+    initial: int
+    """A new user's balance."""
+    daily: int
+    """The balance is topped up to at least this every `PERIOD`."""
+
+
+def policy_for(settings: Settings, product: Product) -> QuotaPolicy | None:
+    """The product's policy from the settings; None when it is unlimited."""
+    daily: int | None = getattr(settings, f"{product}_daily_quota")
+    if daily is None:
+        return None
+    initial: int | None = getattr(settings, f"{product}_initial_quota")
+    return QuotaPolicy(initial=daily if initial is None else initial, daily=daily)
+
+
+def quota_policies(settings: Settings) -> dict[Product, QuotaPolicy | None]:
+    return {product: policy_for(settings, product) for product in PRODUCTS}
+
+
+class QuotaExceeded(AppError):
+    status_code = 429
+    code = "quota_exceeded"
+    default_message = "Daily quota exceeded"
+
+    def __init__(self, product: Product, *, retry_after: int) -> None:
+        super().__init__(
+            f"Daily quota exceeded for {product}; it is topped up again in {_wait(retry_after)}",
+            headers={"Retry-After": str(retry_after)},
+        )
+        self.retry_after = retry_after
+
+
+def _wait(seconds: int) -> str:
+    hours, minutes = divmod(math.ceil(seconds / 60), 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{max(minutes, 1)} min"
+
+
+@dataclass(frozen=True, slots=True)
+class Balance:
+    product: Product
+    policy: QuotaPolicy | None
+    remaining: int | None
+    """None when the product is unlimited."""
+    last_reset_at: datetime | None
+    next_reset_at: datetime | None
+
+
+async def reserve(
+    session: AsyncSession,
+    *,
+    user_id: uuid.UUID,
+    product: Product,
+    policy: QuotaPolicy | None,
+    now: datetime,
+    units: int = 1,
+) -> int | None:
+    """Take `units` from the balance (topping it up first when a period has passed) and return
+    what is left; `QuotaExceeded` (429) when there is not enough. None: unlimited."""
+    if policy is None:
+        return None
+    if units > policy.initial:
+        # The insert branch below would start the row below zero: create it untouched first.
+        await session.execute(_upsert(session, user_id, product, policy.initial, now))
+    due = Quota.last_reset_at <= now - PERIOD
+    balance = case((due & (Quota.remaining < policy.daily), policy.daily), else_=Quota.remaining)
+    statement = (
+        _upsert(session, user_id, product, policy.initial - units, now, update=False)
+        .on_conflict_do_update(
+            index_elements=[Quota.user_id, Quota.product],
+            set_={
+                "remaining": balance - units,
+                "last_reset_at": case((due, now), else_=Quota.last_reset_at),
+            },
+            where=balance >= units,
+        )
+        .returning(Quota.remaining)
+    )
+    remaining = (await session.execute(statement)).scalar_one_or_none()
+    if remaining is None:
+        current = await get_balance(
+            session, user_id=user_id, product=product, policy=policy, now=now
+        )
+        assert current.next_reset_at is not None
+        wait = math.ceil((current.next_reset_at - now).total_seconds())
+        raise QuotaExceeded(product, retry_after=max(wait, 1))
+    return int(remaining)
+
+
+def _upsert(
+    session: AsyncSession,
+    user_id: uuid.UUID,
+    product: Product,
+    remaining: int,
+    now: datetime,
+    *,
+    update: bool = True,
+) -> postgresql.Insert | sqlite.Insert:
+    """INSERT of a new balance in the session's dialect; with `update=False` the caller adds the
+    ON CONFLICT clause, else it is DO NOTHING."""
+    statement = dialect_insert(session, Quota).values(
+        user_id=user_id, product=product, remaining=remaining, last_reset_at=now
+    )
+    if update:
+        return statement.on_conflict_do_nothing(index_elements=[Quota.user_id, Quota.product])
+    return statement
+
+
+async def refund(
+    session: AsyncSession, *, user_id: uuid.UUID, product: Product, units: int = 1
+) -> None:
+    """Give back units reserved for a call that failed or was not charged."""
+    await session.execute(
+        update(Quota)
+        .where(Quota.user_id == user_id, Quota.product == product)
+        .values(remaining=Quota.remaining + units)
+    )
+
+
+async def get_balance(
+    session: AsyncSession,
+    *,
+    user_id: uuid.UUID,
+    product: Product,
+    policy: QuotaPolicy | None,
+    now: datetime,
+) -> Balance:
+    """The balance the next request would see (a due top-up counted, nothing written)."""
+    if policy is None:
+        return Balance(product, None, None, None, None)
+    row = await session.get(Quota, (user_id, product), populate_existing=True)
+    if row is None:
+        return Balance(product, policy, policy.initial, None, None)
+    remaining, last_reset_at = row.remaining, row.last_reset_at
+    if last_reset_at <= now - PERIOD:
+        remaining, last_reset_at = max(remaining, policy.daily), now
+    return Balance(product, policy, remaining, last_reset_at, last_reset_at + PERIOD)
+
+
+async def grant_initial(
+    session: AsyncSession,
+    *,
+    user_id: uuid.UUID,
+    policies: Mapping[Product, QuotaPolicy | None],
+    now: datetime,
+) -> None:
+    """Create a new user's balances (the Clerk webhook does; first use would otherwise)."""
+    for product, policy in policies.items():
+        if policy is not None:
+            await session.execute(_upsert(session, user_id, product, policy.initial, now))
