@@ -22,6 +22,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from aihub.core.clock import Clock
 from aihub.core.config import Settings
 from aihub.core.db import Base, create_engine
 from aihub.main import create_app
@@ -162,12 +163,13 @@ MakeApp = Callable[..., AbstractAsyncContextManager[Served]]
 
 @pytest.fixture
 def make_app(make_settings: Callable[..., Settings]) -> MakeApp:
-    """`async with make_app(**settings) as served:` a real server on a loopback port."""
+    """`async with make_app(**settings) as served:` a real server on a loopback port; `clock`
+    replaces the app's clock (see `tests.factories.FakeClock`)."""
 
     @asynccontextmanager
-    async def make(**overrides: Any) -> AsyncIterator[Served]:
+    async def make(*, clock: Clock | None = None, **overrides: Any) -> AsyncIterator[Served]:
         settings = make_settings(**overrides)
-        app = create_app(settings)
+        app = create_app(settings) if clock is None else create_app(settings, clock=clock)
         async with (
             serve(app) as base_url,
             httpx.AsyncClient(base_url=base_url, timeout=15) as client,

@@ -207,6 +207,8 @@ class FakeOpenAI:
         self.fail_mode: FailMode = "error"
         self.requests: list[ReceivedRequest] = []
         self.stats = StreamStats()
+        self.answers: list[str] = []
+        """Texts for the next requests, one each, in order; then `text` again."""
 
     @property
     def text(self) -> str:
@@ -262,10 +264,11 @@ class FakeOpenAI:
             return self.error.response()
         body = received.json or {}
         model = str(body.get("model", "gpt-fake"))
+        tokens = tokenize(self.answers.pop(0)) if self.answers else self.tokens
         if not body.get("stream"):
-            return JSONResponse(self._completion(model))
+            return JSONResponse(self._completion(model, tokens))
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        chunks = self._chunks(model, include_usage=include_usage)
+        chunks = self._chunks(model, tokens, include_usage=include_usage)
         drop = self.fail_after is not None and self.fail_mode == "drop"
         return TrackedStream(chunks, stats=self.stats, drop=drop)
 
@@ -277,7 +280,7 @@ class FakeOpenAI:
             "total_tokens": self.prompt_tokens + completion,
         }
 
-    def _completion(self, model: str) -> dict[str, Any]:
+    def _completion(self, model: str, tokens: list[str]) -> dict[str, Any]:
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
             "object": "chat.completion",
@@ -286,20 +289,23 @@ class FakeOpenAI:
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": self.text, "refusal": None},
+                    "message": {"role": "assistant", "content": "".join(tokens), "refusal": None},
                     "logprobs": None,
                     "finish_reason": self.finish_reason,
                 }
             ],
-            "usage": self._usage(len(self.tokens)),
+            "usage": self._usage(len(tokens)),
         }
 
-    async def _chunks(self, model: str, *, include_usage: bool) -> AsyncIterator[bytes]:
+    async def _chunks(
+        self, model: str, tokens: list[str], *, include_usage: bool
+    ) -> AsyncIterator[bytes]:
         chunk = _ChunkTemplate(model, include_usage=include_usage)
         yield chunk.delta({"role": "assistant", "content": "", "refusal": None})
         if self.first_token_delay:
             await asyncio.sleep(self.first_token_delay)
-        tokens = self.tokens[: self.fail_after] if self.fail_after is not None else self.tokens
+        if self.fail_after is not None:
+            tokens = tokens[: self.fail_after]
         async for _, token in paced(tokens, self.token_delay):
             yield chunk.delta({"content": token})
         if self.fail_after is not None:

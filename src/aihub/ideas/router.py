@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from starlette.responses import Response
 
 from aihub.core.auth import AUTH_ERRORS, CurrentPlan, CurrentUser, require_plan
+from aihub.core.clock import Now
 from aihub.core.config import SettingsDep
 from aihub.core.db import SessionDep, Sessions
 from aihub.core.errors import error_responses
@@ -20,6 +21,7 @@ from aihub.core.sse import (
 from aihub.ideas import service
 from aihub.ideas.dependencies import IdeasChain, markdown_errors
 from aihub.ideas.schemas import IdeaPage, IdeaRead
+from aihub.usage import quotas
 
 router = APIRouter(tags=["ideas"])
 
@@ -38,7 +40,7 @@ _STREAM_ERRORS = {
     **AUTH_ERRORS,
     403: "The caller's plan does not include business ideas",
     422: "Invalid query parameter",
-    429: "The provider is rate limiting",
+    429: "Daily quota exceeded (see Retry-After), or the provider is rate limiting",
     502: "The provider failed",
     503: "The provider or the auth keys are unavailable",
 }
@@ -69,6 +71,7 @@ async def stream_idea(
     settings: SettingsDep,
     sessions: Sessions,
     chain: IdeasChain,
+    now: Now,
     format: Annotated[
         Literal["markdown", "json"], Query(description="Wire format of the stream")
     ] = "markdown",
@@ -77,7 +80,14 @@ async def stream_idea(
     require_plan(plan, settings.ideas_required_plan or None)
     stream = await unless_disconnected(
         request,
-        service.start_idea(sessions, chain=chain, user=user, prompt=settings.ideas_prompt),
+        service.start_idea(
+            sessions,
+            chain=chain,
+            user=user,
+            prompt=settings.ideas_prompt,
+            policy=quotas.policy_for(settings, "ideas"),
+            now=now,
+        ),
     )
     encoder = JSONEventEncoder() if format == "json" else MarkdownEventEncoder()
     return stream_response(

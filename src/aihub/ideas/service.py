@@ -4,21 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import datetime
 
 import anyio
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from aihub.core.db import utcnow
-from aihub.core.errors import NotFound
+from aihub.core.errors import AppError, NotFound
 from aihub.core.pagination import encode_cursor, newest_first
 from aihub.core.sse import StreamEvent
 from aihub.ideas.models import Idea
 from aihub.providers.base import Finish, Message, ProviderError, TextDelta, TextRequest, Usage
 from aihub.providers.routing import ModelChain, OpenedStream
+from aihub.usage import quotas
+from aihub.usage.quotas import QuotaPolicy
+from aihub.usage.service import record_usage
 from aihub.users.models import User
 
 logger = logging.getLogger("aihub.ideas")
@@ -32,11 +37,37 @@ class IdeaStream:
 
 
 async def start_idea(
-    sessions: async_sessionmaker[AsyncSession], *, chain: ModelChain, user: User, prompt: str
+    sessions: async_sessionmaker[AsyncSession],
+    *,
+    chain: ModelChain,
+    user: User,
+    prompt: str,
+    policy: QuotaPolicy | None,
+    now: datetime,
 ) -> IdeaStream:
-    """Open the provider stream; errors before its first output raise here, as HTTP errors."""
+    """Reserve a unit of the quota and open the provider stream; errors before its first output
+    raise here, as HTTP errors, and give the unit back."""
     requested_at = utcnow()
-    opened = await chain.open_stream(TextRequest(messages=(Message.user(prompt),)))
+    started = time.perf_counter()
+    async with sessions.begin() as session:
+        await quotas.reserve(session, user_id=user.id, product="ideas", policy=policy, now=now)
+    try:
+        opened = await chain.open_stream(TextRequest(messages=(Message.user(prompt),)))
+    except BaseException as exc:
+        with anyio.CancelScope(shield=True):
+            async with sessions.begin() as session:
+                await quotas.refund(session, user_id=user.id, product="ideas")
+                record_usage(
+                    session,
+                    user_id=user.id,
+                    product="ideas",
+                    provider=getattr(exc, "provider", "") or chain.primary.provider.name,
+                    model=chain.primary.model,
+                    latency_ms=_ms_since(started),
+                    outcome="failed" if isinstance(exc, ProviderError) else "cancelled",
+                    error=exc.code if isinstance(exc, AppError) else None,
+                )
+        raise
     idea = Idea(
         id=uuid.uuid4(),
         user_id=user.id,
@@ -44,8 +75,12 @@ async def start_idea(
         provider=opened.provider,
         model=opened.model,
     )
-    events = _idea_events(sessions, opened, idea)
+    events = _idea_events(sessions, opened, idea, started=started)
     return IdeaStream(events, opened.provider, opened.model)
+
+
+def _ms_since(started: float) -> int:
+    return round((time.perf_counter() - started) * 1000)
 
 
 @dataclass
@@ -66,6 +101,8 @@ async def _idea_events(
     sessions: async_sessionmaker[AsyncSession],
     opened: OpenedStream,
     idea: Idea,
+    *,
+    started: float,
 ) -> AsyncIterator[StreamEvent]:
     draft = _Draft(parts=[])
     failure: ProviderError | None = None
@@ -88,7 +125,7 @@ async def _idea_events(
             # The text is whole: let the client have all of it now, not after the write below
             # (which, on a busy embedded database, can take a good fraction of a second).
             yield StreamEvent("usage", draft.usage_read())
-        await _save(sessions, idea, draft, error=failure.code if failure else None)
+        await _save(sessions, idea, draft, error=failure.code if failure else None, started=started)
         saved = True
     except BaseException as exc:
         if not saved:
@@ -98,7 +135,7 @@ async def _idea_events(
             error = None if finished else "client_disconnected" if gone else "internal_error"
             with anyio.CancelScope(shield=True):
                 await opened.aclose()
-                await _save(sessions, idea, draft, error=error)
+                await _save(sessions, idea, draft, error=error, started=started)
         raise
     if failure is not None:
         yield StreamEvent.error(failure.code, failure.message, idea_id=str(idea.id), partial=True)
@@ -117,8 +154,15 @@ async def _idea_events(
 
 
 async def _save(
-    sessions: async_sessionmaker[AsyncSession], idea: Idea, draft: _Draft, *, error: str | None
+    sessions: async_sessionmaker[AsyncSession],
+    idea: Idea,
+    draft: _Draft,
+    *,
+    error: str | None,
+    started: float,
 ) -> None:
+    """Store the idea with its usage row; a provider's failure gives the unit back (a client
+    that left keeps its charge: the tokens were spent on its behalf)."""
     idea.content = "".join(draft.parts)
     idea.status = "incomplete" if error else "complete"
     usage = draft.usage_read()
@@ -126,8 +170,23 @@ async def _save(
     idea.finish_reason = draft.finish_reason
     idea.error = error
     idea.completed_at = utcnow()
+    provider_failed = error is not None and error not in ("client_disconnected", "internal_error")
     async with sessions.begin() as session:
         session.add(idea)
+        record_usage(
+            session,
+            user_id=idea.user_id,
+            product="ideas",
+            provider=idea.provider,
+            model=idea.model,
+            latency_ms=_ms_since(started),
+            outcome="failed" if provider_failed else "cancelled" if error else "succeeded",
+            input_tokens=idea.input_tokens,
+            output_tokens=idea.output_tokens,
+            error=error,
+        )
+        if provider_failed:
+            await quotas.refund(session, user_id=idea.user_id, product="ideas")
     if error:
         logger.info("idea stored incomplete", extra={"idea_id": str(idea.id), "error": error})
 

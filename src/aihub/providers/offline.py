@@ -54,6 +54,52 @@ _IDEAS = [
 ]
 
 
+_CHALLENGES = {
+    "easy": [
+        (
+            "What does `len([1, [2, 3], 4])` return in Python?",
+            ["2", "3", "4", "An error is raised"],
+            1,
+            "The list has three elements; the nested list counts as one.",
+        ),
+        (
+            "Which keyword defines a function in Python?",
+            ["func", "define", "def", "lambda"],
+            2,
+            "`def` starts a function definition; `lambda` makes an anonymous expression.",
+        ),
+    ],
+    "medium": [
+        (
+            "What is the average time complexity of looking up a key in a Python dict?",
+            ["O(1)", "O(log n)", "O(n)", "O(n log n)"],
+            0,
+            "A dict is a hash table: the key's hash leads straight to its slot.",
+        ),
+        (
+            "Which structure serves a breadth-first search best?",
+            ["A stack", "A queue", "A heap", "A set"],
+            1,
+            "BFS visits nodes in the order they were discovered: first in, first out.",
+        ),
+    ],
+    "hard": [
+        (
+            "Which pattern lets you add behaviour to an object without changing its class?",
+            ["Singleton", "Decorator", "Factory method", "Template method"],
+            1,
+            "A decorator wraps the object and adds behaviour while keeping its interface.",
+        ),
+        (
+            "What is the worst-case time of quicksort with a naive first-element pivot?",
+            ["O(n)", "O(n log n)", "O(n^2)", "O(2^n)"],
+            2,
+            "On sorted input every partition is maximally unbalanced: n levels of O(n) work.",
+        ),
+    ],
+}
+
+
 def _seed(*parts: str) -> int:
     return int.from_bytes(hashlib.sha256("\x1f".join(parts).encode()).digest()[:8], "big")
 
@@ -100,6 +146,12 @@ def _reply(prompt: str) -> str:
 def offline_text(request: TextRequest, model: str) -> str:
     prompt = _prompt_text(request)
     rng = random.Random(_seed(model, request.system or "", prompt))  # noqa: S311 - not crypto
+    challenge = re.search(r"(easy|medium|hard) difficulty coding challenge", prompt, re.IGNORECASE)
+    if request.json_schema is not None and challenge:
+        title, options, answer, why = rng.choice(_CHALLENGES[challenge.group(1).lower()])
+        return orjson.dumps(
+            {"title": title, "options": options, "correct_answer_id": answer, "explanation": why}
+        ).decode()
     if request.json_schema is not None:
         return orjson.dumps(_value_for(request.json_schema, rng, "value")).decode()
     if re.search(r"business idea", prompt, re.IGNORECASE):

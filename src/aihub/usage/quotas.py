@@ -117,7 +117,8 @@ async def reserve(
         )
         assert current.next_reset_at is not None
         wait = math.ceil((current.next_reset_at - now).total_seconds())
-        raise QuotaExceeded(product, retry_after=max(wait, 1))
+        # Clamped: a concurrent request that began a moment later may have started the period.
+        raise QuotaExceeded(product, retry_after=min(max(wait, 1), int(PERIOD.total_seconds())))
     return int(remaining)
 
 

@@ -171,13 +171,16 @@ async def upsert_clerk_user(
     email: str | None,
     name: str | None,
     plan: str | None,
+    set_plan: bool = True,
 ) -> User:
-    """The user behind a Clerk id with exactly this profile (None clears a field)."""
+    """The user behind a Clerk id with exactly this email and name (None clears one), and this
+    plan when `set_plan`."""
     user = await get_or_create_clerk_user(
         session, clerk_id=clerk_id, email=email, name=name, plan=plan
     )
-    if (user.email, user.name, user.plan) != (email, name, plan):
-        user.email, user.name, user.plan = email, name, plan
+    wanted = (email, name, plan if set_plan else user.plan)
+    if (user.email, user.name, user.plan) != wanted:
+        user.email, user.name, user.plan = wanted
         await session.flush()
     return user
 

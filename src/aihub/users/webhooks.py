@@ -148,12 +148,15 @@ async def apply_clerk_event(
         return Applied("duplicate")
     if event_type in ("user.created", "user.updated"):
         profile = _profile(data)
+        metadata = data.get("public_metadata")
         user = await service.upsert_clerk_user(
             session,
             clerk_id=profile.clerk_id,
             email=profile.email,
             name=profile.name,
             plan=profile.plan,
+            # A plan is Clerk's to say where the metadata has one; else the tokens' `pla` rules.
+            set_plan=isinstance(metadata, dict) and "plan" in metadata,
         )
         await quotas.grant_initial(session, user_id=user.id, policies=policies, now=now)
         return Applied("processed", user.id)

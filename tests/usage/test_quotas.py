@@ -1,0 +1,214 @@
+"""Quotas under concurrency and over time, and the usage ledger, through the products' HTTP API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+
+from aihub.usage.models import Quota, UsageRecord
+from tests.clocks import FakeClock
+from tests.conftest import MakeApp, Served
+from tests.factories import bearer, create_user
+from tests.fakes.openai import FakeOpenAI
+from tests.sse_clients import markdown_buffer
+
+VALID = json.dumps(
+    {
+        "title": "What does `[] or 'x'` evaluate to in Python?",
+        "options": ["[]", "'x'", "True", "None"],
+        "correct_answer_id": 1,
+        "explanation": "`or` returns its first truthy operand, and an empty list is falsy.",
+    }
+)
+
+
+async def generate(served: Served, token: str) -> Any:
+    return await served.client.post(
+        "/api/generate-challenge", json={"difficulty": "easy"}, headers=bearer(token)
+    )
+
+
+async def quota(served: Served, token: str) -> dict[str, Any]:
+    response = await served.client.get("/api/quota", headers=bearer(token))
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+async def stored_balance(served: Served, user_id: str, product: str) -> int:
+    async with served.app.state.sessions() as session:
+        rows = await session.scalars(select(Quota).where(Quota.product == product))
+        return next(row.remaining for row in rows if str(row.user_id) == user_id)
+
+
+async def test_sixty_concurrent_requests_against_ten_units_give_exactly_ten(
+    make_app: MakeApp, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.text = VALID
+    fake_openai.token_delay = 0.002
+    async with make_app(challenges_initial_quota=10) as served:
+        user_id, token = await create_user(served.client)
+
+        responses = await asyncio.gather(*(generate(served, token) for _ in range(60)))
+
+        statuses = sorted(r.status_code for r in responses)
+        assert statuses.count(200) == 10, statuses
+        assert statuses.count(429) == 50, statuses
+        refused = next(r for r in responses if r.status_code == 429)
+        assert refused.json()["error"] == "quota_exceeded"
+        assert "Daily quota exceeded" in refused.json()["detail"]
+        assert 0 < int(refused.headers["retry-after"]) <= 24 * 3600
+        assert await stored_balance(served, user_id, "challenges") == 0
+        assert (await quota(served, token))["quota_remaining"] == 0
+        assert len(fake_openai.requests) == 10  # a refused request never reaches the provider
+
+
+async def test_top_ups_every_24_hours_never_lower_a_balance(
+    make_app: MakeApp, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.text = VALID
+    clock = FakeClock()
+    start = clock.now
+    async with make_app(clock=clock) as served:
+        low_id, low = await create_user(served.client)
+        high_id, high = await create_user(served.client)
+        assert (await quota(served, low))["quota_remaining"] == 50
+
+        for _ in range(47):
+            assert (await generate(served, low)).status_code == 200
+        for _ in range(5):
+            assert (await generate(served, high)).status_code == 200
+        assert (await quota(served, low))["quota_remaining"] == 3
+        assert (await quota(served, high))["quota_remaining"] == 45
+
+        clock.advance(hours=23, minutes=59)
+        assert (await quota(served, low))["quota_remaining"] == 3  # not yet
+        assert (await generate(served, low)).status_code == 200
+        assert await stored_balance(served, low_id, "challenges") == 2
+
+        clock.advance(minutes=1)  # 24 hours after the first use
+        assert (await quota(served, low))["quota_remaining"] == 10
+        assert (await quota(served, high))["quota_remaining"] == 45
+        assert (await generate(served, low)).status_code == 200
+        assert (await generate(served, high)).status_code == 200
+        assert await stored_balance(served, low_id, "challenges") == 9
+        assert await stored_balance(served, high_id, "challenges") == 44
+
+        body = await quota(served, low)
+        assert datetime.fromisoformat(body["last_reset_date"]) == clock.now
+        assert body["last_reset_data"] == body["last_reset_date"]
+        next_reset = datetime.fromisoformat(body["next_reset_at"])
+        assert (next_reset - start).total_seconds() == 48 * 3600
+
+
+async def test_an_exhausted_balance_says_when_it_comes_back(
+    make_app: MakeApp, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.text = VALID
+    clock = FakeClock()
+    async with make_app(clock=clock, challenges_initial_quota=1) as served:
+        _, token = await create_user(served.client)
+        assert (await generate(served, token)).status_code == 200
+        clock.advance(hours=20)
+
+        refused = await generate(served, token)
+
+        assert refused.status_code == 429
+        assert refused.headers["retry-after"] == str(4 * 3600)
+        assert refused.headers["content-type"] == "application/json"
+        clock.advance(hours=4)
+        assert (await generate(served, token)).status_code == 200
+
+
+async def test_ideas_draw_on_their_own_quota_and_refuse_in_the_stream_s_format(
+    make_app: MakeApp, fake_openai: FakeOpenAI
+) -> None:
+    async with make_app(ideas_daily_quota=1) as served:
+        _, token = await create_user(served.client)
+        sse = {"Accept": "text/event-stream", **bearer(token)}
+        first = await served.client.get("/api", headers=sse)
+        assert first.status_code == 200
+
+        refused = await served.client.get("/api", headers=sse)
+        assert refused.status_code == 429
+        assert refused.headers["content-type"].startswith("text/event-stream")
+        assert "Daily quota exceeded" in markdown_buffer(refused.text)
+        assert "retry-after" in refused.headers
+
+        as_json = await served.client.get("/api?format=json", headers=sse)
+        assert as_json.status_code == 429
+        assert as_json.json()["error"] == "quota_exceeded"
+        assert (await quota(served, token))["quota_remaining"] == 50  # challenges untouched
+
+
+async def test_a_provider_failure_gives_the_idea_back(
+    make_app: MakeApp, fake_openai: FakeOpenAI
+) -> None:
+    async with make_app(ideas_daily_quota=1) as served:
+        user_id, token = await create_user(served.client)
+        sse = {"Accept": "text/event-stream", **bearer(token)}
+        fake_openai.fail_with(503, times=1)
+        assert (await served.client.get("/api", headers=sse)).status_code == 503
+        fake_openai.fail_mid_stream(5)
+        failed = await served.client.get("/api?format=json", headers=sse)
+        assert "event: error" in failed.text
+        fake_openai.reset()
+
+        assert (await served.client.get("/api", headers=sse)).status_code == 200
+        assert await stored_balance(served, user_id, "ideas") == 0
+
+
+async def test_unlimited_products_never_refuse(make_app: MakeApp, fake_openai: FakeOpenAI) -> None:
+    fake_openai.text = VALID
+    async with make_app(challenges_daily_quota="unlimited") as served:
+        _, token = await create_user(served.client)
+        for _ in range(3):
+            assert (await generate(served, token)).status_code == 200
+        assert (await quota(served, token))["quota_remaining"] is None
+        async with served.app.state.sessions() as session:
+            assert list(await session.scalars(select(Quota))) == []
+
+
+async def test_usage_shows_each_product_s_calls_tokens_and_limits(
+    served: Served, fake_openai: FakeOpenAI
+) -> None:
+    user_id, token = await create_user(served.client)
+    _, other = await create_user(served.client)
+    sse = {"Accept": "text/event-stream", **bearer(token)}
+    assert (await served.client.get("/api", headers=sse)).status_code == 200
+    fake_openai.text = VALID
+    assert (await generate(served, token)).status_code == 200
+    fake_openai.fail_with(500, times=1)
+    assert (await generate(served, token)).status_code == 503
+    assert (await generate(served, other)).status_code == 200
+
+    response = await served.client.get("/api/usage", headers=bearer(token))
+
+    assert response.status_code == 200, response.text
+    products = {p["product"]: p for p in response.json()["products"]}
+    assert set(products) == {"ideas", "challenges", "images", "chats"}
+    challenges = products["challenges"]
+    assert challenges["usage"]["requests"] == 2
+    assert challenges["usage"]["succeeded"] == 1
+    assert challenges["usage"]["failed"] == 1
+    assert challenges["usage"]["input_tokens"] == 17  # the fake's prompt tokens, once
+    assert challenges["quota"] == {
+        **challenges["quota"],
+        "unlimited": False,
+        "remaining": 49,
+        "daily": 10,
+        "initial": 50,
+    }
+    ideas = products["ideas"]
+    assert ideas["usage"]["requests"] == 1
+    assert ideas["usage"]["output_tokens"] > 0
+    assert ideas["quota"]["remaining"] == ideas["quota"]["daily"] - 1
+    async with served.app.state.sessions() as session:
+        mine = list(await session.scalars(select(UsageRecord)))
+    assert {r.outcome for r in mine if str(r.user_id) == user_id} == {"succeeded", "failed"}
+    assert all(r.latency_ms >= 0 and r.provider == "openai" for r in mine)
+    assert (await served.client.get("/api/usage?days=0", headers=bearer(token))).status_code == 422
