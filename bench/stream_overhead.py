@@ -275,6 +275,9 @@ async def main() -> int:
                 "AUTH_ALLOW_REGISTRATION": "true",
                 "PROVIDER_MAX_RETRIES": "0",
                 "WEB_CONCURRENCY": str(args.workers),
+                # The quota stays on (every stream reserves a unit, as in production), just
+                # large enough for every round of the benchmark.
+                "IDEAS_DAILY_QUOTA": "1000000000",
             },
         ),
     ]

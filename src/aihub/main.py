@@ -62,7 +62,7 @@ def create_app(settings: Settings, *, freeze_gc: bool = False, clock: Clock = ut
         allow_credentials=True,
         allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
         allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID"],
-        expose_headers=["X-Request-ID", "Retry-After", "X-AIHub-Provider"],
+        expose_headers=["X-Request-ID", "Retry-After", "X-AIHub-Provider", "Idempotent-Replayed"],
         max_age=600,
     )
     app.add_middleware(RequestContextMiddleware)

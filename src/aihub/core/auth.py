@@ -302,7 +302,7 @@ def _decode(decode: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 def clerk_identity(claims: dict[str, Any]) -> ClerkIdentity:
     """Session tokens carry the plan as `pla` ("u:premium"); JWT templates may carry `plan`."""
     clerk_id = claims.get("sub")
-    if not isinstance(clerk_id, str) or not clerk_id or len(clerk_id) > 64:
+    if not isinstance(clerk_id, str) or not 0 < len(clerk_id) <= 64 or not clerk_id.isprintable():
         raise Unauthorized("Invalid token")
     plan = _plan(claims)
     name = _text(claims.get("name"))

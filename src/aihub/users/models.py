@@ -45,3 +45,13 @@ class WebhookDelivery(Base):
     id: Mapped[str] = mapped_column(String(200), primary_key=True)
     event_type: Mapped[str] = mapped_column(String(100))
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class DeletedClerkUser(Base):
+    """A Clerk user deleted by Clerk's webhook: neither a still-valid token nor a late event
+    brings them back. Only the Clerk id is kept."""
+
+    __tablename__ = "deleted_clerk_user"
+
+    clerk_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    deleted_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from aihub.core.db import dialect_insert, utcnow
 from aihub.core.errors import Conflict, Forbidden, Unauthorized, Unprocessable
-from aihub.users.models import LocalCredential, User
+from aihub.users.models import DeletedClerkUser, LocalCredential, User
 
 PASSWORD_MIN_LENGTH = 8
 PASSWORD_MAX_BYTES = 72  # bcrypt's limit; longer passwords are refused, never truncated
@@ -37,6 +37,11 @@ class EmailTaken(Conflict):
 class InvalidCredentials(Unauthorized):
     code = "invalid_credentials"
     default_message = "Invalid email or password"
+
+
+class AccountDeleted(Unauthorized):
+    code = "account_deleted"
+    default_message = "This account has been deleted"
 
 
 class RegistrationClosed(Forbidden):
@@ -118,12 +123,15 @@ async def get_or_create_clerk_user(
     name: str | None,
     plan: str | None,
 ) -> User:
-    """The user behind a Clerk id, created if absent (safe under concurrency).
+    """The user behind a Clerk id, created if absent (safe under concurrency); `AccountDeleted`
+    (401) when Clerk deleted them.
 
     Non-None `email`, `name` and `plan` are written when they differ; None leaves a field as is.
     """
     user = await _user_by_clerk_id(session, clerk_id)
     if user is None:
+        if await session.get(DeletedClerkUser, clerk_id) is not None:
+            raise AccountDeleted()
         await session.execute(
             _insert_if_absent(session).values(
                 id=uuid.uuid4(),
@@ -186,7 +194,12 @@ async def upsert_clerk_user(
 
 
 async def delete_clerk_user(session: AsyncSession, *, clerk_id: str) -> uuid.UUID | None:
-    """Delete the user and, by the foreign keys' cascades, everything they own; their id, or
-    None when there was no such user."""
+    """Delete the user and, by the foreign keys' cascades, everything they own, and remember
+    the Clerk id as deleted; their id, or None when there was no such user."""
     result = await session.execute(delete(User).where(User.clerk_id == clerk_id).returning(User.id))
+    await session.execute(
+        dialect_insert(session, DeletedClerkUser)
+        .values(clerk_id=clerk_id, deleted_at=utcnow())
+        .on_conflict_do_nothing()
+    )
     return result.scalar_one_or_none()

@@ -68,11 +68,9 @@ def verify_webhook(
     signatures = _header(headers, "signature")
     if not message_id.isprintable() or len(message_id) > 200:
         raise InvalidWebhook("Malformed svix-id header")
-    try:
-        sent_at = int(timestamp)
-    except ValueError:
-        raise InvalidWebhook("Malformed svix-timestamp header") from None
-    if abs(now.timestamp() - sent_at) > TOLERANCE_SECONDS:
+    if not (timestamp.isascii() and timestamp.isdigit()) or len(timestamp) > 12:
+        raise InvalidWebhook("Malformed svix-timestamp header")
+    if abs(int(now.timestamp()) - int(timestamp)) > TOLERANCE_SECONDS:
         raise InvalidWebhook("Webhook timestamp too old or in the future")
     signed = message_id.encode() + b"." + timestamp.encode() + b"." + body
     expected = hmac.new(key, signed, hashlib.sha256).digest()
@@ -84,11 +82,16 @@ def verify_webhook(
         raise InvalidWebhook("The body is not JSON") from None
     if (
         not isinstance(event, dict)
-        or not isinstance(event.get("type"), str)
+        or not _is_name(event.get("type"), 100)
         or not isinstance(event.get("data"), dict)
     ):
         raise InvalidWebhook("The body is not a Clerk event")
     return ClerkEvent(message_id, event["type"], event["data"])
+
+
+def _is_name(value: object, max_length: int) -> bool:
+    """A short, printable string (NUL and other controls are refused: PostgreSQL stores no NUL)."""
+    return isinstance(value, str) and 0 < len(value) <= max_length and value.isprintable()
 
 
 def _header(headers: Mapping[str, str], name: str) -> str:
@@ -149,21 +152,25 @@ async def apply_clerk_event(
     if event_type in ("user.created", "user.updated"):
         profile = _profile(data)
         metadata = data.get("public_metadata")
-        user = await service.upsert_clerk_user(
-            session,
-            clerk_id=profile.clerk_id,
-            email=profile.email,
-            name=profile.name,
-            plan=profile.plan,
-            # A plan is Clerk's to say where the metadata has one; else the tokens' `pla` rules.
-            set_plan=isinstance(metadata, dict) and "plan" in metadata,
-        )
+        try:
+            user = await service.upsert_clerk_user(
+                session,
+                clerk_id=profile.clerk_id,
+                email=profile.email,
+                name=profile.name,
+                plan=profile.plan,
+                # A plan is Clerk's to say where the metadata has one; else the tokens' `pla` rules.
+                set_plan=isinstance(metadata, dict) and "plan" in metadata,
+            )
+        except service.AccountDeleted:
+            return Applied("ignored")  # a late event about a user Clerk has since deleted
         await quotas.grant_initial(session, user_id=user.id, policies=policies, now=now)
         return Applied("processed", user.id)
     if event_type == "user.deleted":
         clerk_id = data.get("id")
-        if not isinstance(clerk_id, str) or not clerk_id:
-            raise InvalidWebhook("The event names no user id")
+        if not _is_name(clerk_id, 64):
+            raise InvalidWebhook("The event names no valid user id")
+        assert isinstance(clerk_id, str)
         return Applied("processed", await service.delete_clerk_user(session, clerk_id=clerk_id))
     return Applied("ignored")
 
@@ -182,7 +189,8 @@ async def _first_delivery(
 
 def _profile(data: dict[str, Any]) -> ClerkIdentity:
     """A Clerk user object as the same profile a token would give."""
-    addresses = [a for a in data.get("email_addresses") or [] if isinstance(a, dict)]
+    listed = data.get("email_addresses")
+    addresses = [a for a in listed if isinstance(a, dict)] if isinstance(listed, list) else []
     primary = next(
         (a for a in addresses if a.get("id") == data.get("primary_email_address_id")),
         addresses[0] if addresses else {},
