@@ -10,19 +10,21 @@ PostgreSQL alike.
 
 from __future__ import annotations
 
+import functools
 import math
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Literal
+from typing import Any, Literal, cast
 
-from sqlalchemy import case, update
+from sqlalchemy import Integer, String, Table, Uuid, bindparam, case, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.sql.dml import ReturningInsert
 
 from aihub.core.config import Settings
-from aihub.core.db import dialect_insert
+from aihub.core.db import UTCDateTime, dialect_insert
 from aihub.core.errors import AppError
 from aihub.usage.models import Quota
 
@@ -96,21 +98,17 @@ async def reserve(
     if units > policy.initial:
         # The insert branch below would start the row below zero: create it untouched first.
         await session.execute(_upsert(session, user_id, product, policy.initial, now))
-    due = Quota.last_reset_at <= now - PERIOD
-    balance = case((due & (Quota.remaining < policy.daily), policy.daily), else_=Quota.remaining)
-    statement = (
-        _upsert(session, user_id, product, policy.initial - units, now, update=False)
-        .on_conflict_do_update(
-            index_elements=[Quota.user_id, Quota.product],
-            set_={
-                "remaining": balance - units,
-                "last_reset_at": case((due, now), else_=Quota.last_reset_at),
-            },
-            where=balance >= units,
-        )
-        .returning(Quota.remaining)
-    )
-    remaining = (await session.execute(statement)).scalar_one_or_none()
+    statement = _reserve_statement(session.get_bind().dialect.name)
+    parameters = {
+        "user_id": user_id,
+        "product": product,
+        "start": policy.initial - units,
+        "daily": policy.daily,
+        "units": units,
+        "now": now,
+        "cutoff": now - PERIOD,
+    }
+    remaining = (await session.execute(statement, parameters)).scalar_one_or_none()
     if remaining is None:
         current = await get_balance(
             session, user_id=user_id, product=product, policy=policy, now=now
@@ -120,6 +118,37 @@ async def reserve(
         # Clamped: a concurrent request that began a moment later may have started the period.
         raise QuotaExceeded(product, retry_after=min(max(wait, 1), int(PERIOD.total_seconds())))
     return int(remaining)
+
+
+@functools.cache
+def _reserve_statement(dialect: str) -> ReturningInsert[Any]:
+    """The reservation: insert a new balance, or top up a due one and take the units from it,
+    only where enough is left. Built once per dialect: it runs before every generation."""
+    table = cast(Table, Quota.__table__)
+    quota = table.c
+    now = bindparam("now", type_=UTCDateTime())
+    daily, units = bindparam("daily", type_=Integer()), bindparam("units", type_=Integer())
+    due = quota.last_reset_at <= bindparam("cutoff", type_=UTCDateTime())
+    balance = case((due & (quota.remaining < daily), daily), else_=quota.remaining)
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    return (
+        insert(table)
+        .values(
+            user_id=bindparam("user_id", type_=Uuid()),
+            product=bindparam("product", type_=String()),
+            remaining=bindparam("start", type_=Integer()),
+            last_reset_at=now,
+        )
+        .on_conflict_do_update(
+            index_elements=[quota.user_id, quota.product],
+            set_={
+                "remaining": balance - units,
+                "last_reset_at": case((due, now), else_=quota.last_reset_at),
+            },
+            where=balance >= units,
+        )
+        .returning(quota.remaining)
+    )
 
 
 def _upsert(
