@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import anyio
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from aihub.challenges.generation import (
@@ -26,7 +25,7 @@ from aihub.challenges.generation import (
 )
 from aihub.challenges.models import Challenge
 from aihub.core.errors import NotFound
-from aihub.core.pagination import encode_cursor, newest_first
+from aihub.core.pagination import page_newest_first
 from aihub.providers.base import Message, ProviderError, TextDelta, TextRequest, Usage
 from aihub.providers.routing import ModelChain
 from aihub.usage import quotas
@@ -203,18 +202,9 @@ async def _settle(
 async def list_challenges(
     session: AsyncSession, *, user_id: uuid.UUID, limit: int, cursor: str | None
 ) -> tuple[list[Challenge], str | None]:
-    query = newest_first(
-        select(Challenge).where(Challenge.user_id == user_id),
-        created_at=Challenge.created_at,
-        id=Challenge.id,
-        cursor=cursor,
-        limit=limit,
+    return await page_newest_first(
+        session, Challenge, where=Challenge.user_id == user_id, limit=limit, cursor=cursor
     )
-    challenges = list((await session.scalars(query)).all())
-    if len(challenges) <= limit:
-        return challenges, None
-    last = challenges[limit - 1]
-    return challenges[:limit], encode_cursor(last.created_at, last.id)
 
 
 async def get_challenge(

@@ -5,9 +5,10 @@ from __future__ import annotations
 import base64
 import uuid
 from datetime import datetime
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
-from sqlalchemy import Select, and_, or_
+from sqlalchemy import ColumnElement, Select, and_, or_, select
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import InstrumentedAttribute
 
 from aihub.core.errors import Unprocessable
@@ -45,3 +46,34 @@ def newest_first(
         after_at, after_id = decode_cursor(cursor)
         query = query.where(or_(created_at < after_at, and_(created_at == after_at, id < after_id)))
     return query.order_by(created_at.desc(), id.desc()).limit(limit + 1)
+
+
+class _Keyed(Protocol):
+    created_at: datetime
+    id: uuid.UUID
+
+
+K = TypeVar("K", bound=_Keyed)
+
+
+async def page_newest_first(
+    session: AsyncSession,
+    model: type[K],
+    *,
+    where: ColumnElement[bool],
+    limit: int,
+    cursor: str | None,
+) -> tuple[list[K], str | None]:
+    """One page of `model`'s rows matching `where`, newest first, and the next page's cursor."""
+    query = newest_first(
+        select(model).where(where),
+        created_at=model.created_at,  # type: ignore[arg-type]
+        id=model.id,  # type: ignore[arg-type]
+        cursor=cursor,
+        limit=limit,
+    )
+    rows = list((await session.scalars(query)).all())
+    if len(rows) <= limit:
+        return rows, None
+    last = rows[limit - 1]
+    return rows[:limit], encode_cursor(last.created_at, last.id)

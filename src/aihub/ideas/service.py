@@ -11,12 +11,11 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import anyio
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from aihub.core.db import utcnow
 from aihub.core.errors import AppError, NotFound
-from aihub.core.pagination import encode_cursor, newest_first
+from aihub.core.pagination import page_newest_first
 from aihub.core.sse import StreamEvent
 from aihub.ideas.models import Idea
 from aihub.providers.base import Finish, Message, ProviderError, TextDelta, TextRequest, Usage
@@ -194,18 +193,9 @@ async def _save(
 async def list_ideas(
     session: AsyncSession, *, user: User, limit: int, cursor: str | None
 ) -> tuple[list[Idea], str | None]:
-    query = newest_first(
-        select(Idea).where(Idea.user_id == user.id),
-        created_at=Idea.created_at,
-        id=Idea.id,
-        cursor=cursor,
-        limit=limit,
+    return await page_newest_first(
+        session, Idea, where=Idea.user_id == user.id, limit=limit, cursor=cursor
     )
-    ideas = list((await session.scalars(query)).all())
-    if len(ideas) <= limit:
-        return ideas, None
-    last = ideas[limit - 1]
-    return ideas[:limit], encode_cursor(last.created_at, last.id)
 
 
 async def get_idea(session: AsyncSession, *, user: User, idea_id: uuid.UUID) -> Idea:
