@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
+from aihub.byok import router as byok
 from aihub.challenges import router as challenges
 from aihub.core import health
 from aihub.ideas import router as ideas
@@ -16,5 +17,6 @@ def include_routers(app: FastAPI) -> None:
     app.include_router(users.router)
     app.include_router(ideas.router)
     app.include_router(challenges.router)
+    app.include_router(byok.router)
     app.include_router(usage.router)
     app.include_router(users.webhooks_router)

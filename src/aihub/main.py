@@ -20,6 +20,7 @@ from aihub.core.db import create_engine, create_sessionmaker, utcnow
 from aihub.core.errors import install_error_handlers
 from aihub.core.metrics import metrics_endpoint
 from aihub.core.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
+from aihub.core.ratelimit import MemoryRateLimiter, RedisRateLimiter, parse_networks
 from aihub.providers.routing import ModelChain, ProviderRegistry
 
 logger = logging.getLogger("aihub")
@@ -29,6 +30,10 @@ TAGS = [
     {
         "name": "challenges",
         "description": "Multiple-choice coding challenges with a daily quota (seed 2).",
+    },
+    {
+        "name": "byok",
+        "description": "Chat relayed to OpenAI with the caller's own key (seed 5).",
     },
     {"name": "auth", "description": "Local accounts, aihub's tokens and the caller's profile."},
     {"name": "usage", "description": "The caller's quotas and usage, per product."},
@@ -111,12 +116,17 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     }
     _log_products(app.state.chains)
     app.state.authenticator = await Authenticator.create(settings)
+    app.state.trusted_proxies = parse_networks(settings.trusted_proxies)
+    app.state.rate_limiter = (
+        RedisRateLimiter.from_url(settings.redis_url) if settings.redis_url else MemoryRateLimiter()
+    )
     if app.state.freeze_gc:
         gc.collect()
         gc.freeze()
     try:
         yield
     finally:
+        await app.state.rate_limiter.aclose()
         await app.state.authenticator.aclose()
         await providers.aclose()
         await engine.dispose()

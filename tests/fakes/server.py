@@ -24,6 +24,7 @@ async def serve(app: ASGIApp, *, lifespan: str = "on") -> AsyncIterator[str]:
         lifespan=lifespan,  # type: ignore[arg-type]
         timeout_graceful_shutdown=2,
         access_log=False,
+        proxy_headers=False,  # as `aihub serve`: aihub decides whom to believe (TRUSTED_PROXIES)
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server._serve(sockets=[sock]))

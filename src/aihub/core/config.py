@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     log_format: Literal["json", "console"] = "json"
     sse_keepalive_seconds: float = Field(default=15.0, gt=0)
 
+    # Scale-out and rate limits
+    redis_url: str | None = None
+    trusted_proxies: CommaList = Field(default_factory=list)
+
     # Database
     database_url: str | None = None
     database_pool_size: int = Field(default=10, ge=1)
@@ -108,6 +112,13 @@ class Settings(BaseSettings):
     challenges_temperature: float | None = Field(default=0.7, ge=0, le=2)
     challenges_fallback: bool = True
 
+    byok_allowed_models: CommaList = Field(
+        default_factory=lambda: ["gpt-4.1-mini", "gpt-4o-mini", "gpt-3.5-turbo"]
+    )
+    byok_max_history: int = Field(default=50, ge=0, le=1000)
+    byok_max_message_chars: int = Field(default=10_000, ge=1, le=1_000_000)
+    byok_rate_limit: str | None = "30/minute"
+
     # Quotas: a new user starts with `*_INITIAL_QUOTA` (default: the daily one); every 24 hours
     # the balance is topped up to at least `*_DAILY_QUOTA`. "unlimited" (or empty) turns it off.
     challenges_daily_quota: QuotaSetting = 10
@@ -118,6 +129,40 @@ class Settings(BaseSettings):
     images_initial_quota: QuotaSetting = None
     chats_daily_quota: QuotaSetting = 200
     chats_initial_quota: QuotaSetting = None
+
+    @field_validator("byok_allowed_models", "trusted_proxies", mode="before")
+    @classmethod
+    def _split_plain_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        from aihub.core.ratelimit import parse_networks
+
+        parse_networks(value)
+        return value
+
+    @field_validator("byok_rate_limit", mode="before")
+    @classmethod
+    def _rate_limit(cls, value: object) -> object:
+        value = _unlimited_is_none(value)
+        if isinstance(value, str):
+            from aihub.core.ratelimit import RateLimit
+
+            RateLimit.parse(value)
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return value
 
     @field_validator("cors_origins", "clerk_authorized_parties", mode="before")
     @classmethod
@@ -136,6 +181,7 @@ class Settings(BaseSettings):
         "replicate_base_url",
         "public_base_url",
         "ideas_required_plan",
+        "redis_url",
         mode="before",
     )
     @classmethod

@@ -122,12 +122,19 @@ _QUOTING_MESSAGES = {
 }
 
 
+def _message(error: Any) -> str:
+    """Pydantic's message, without its "Value error, " prefix and never quoting the input."""
+    kind = error.get("type", "")
+    message: str = _QUOTING_MESSAGES.get(kind) or error.get("msg", "invalid")
+    return message.removeprefix("Value error, ")
+
+
 def describe_validation_errors(errors: list[Any]) -> str:
     """A readable summary that never repeats what was submitted (it may be a secret)."""
     parts = []
     for error in errors:
         kind = error.get("type", "")
-        message = _QUOTING_MESSAGES.get(kind) or error.get("msg", "invalid")
+        message = _message(error)
         location = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
         if kind == "json_invalid":
             location = "body"
@@ -149,7 +156,7 @@ async def handle_validation_error(request: Request, exc: Exception) -> Response:
     fields = [
         {
             "loc": list(e.get("loc", ())),
-            "msg": _QUOTING_MESSAGES.get(e.get("type", "")) or e.get("msg", ""),
+            "msg": _message(e),
             "type": e.get("type", ""),
         }
         for e in exc.errors()

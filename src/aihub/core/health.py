@@ -5,6 +5,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from aihub import __version__
+from aihub.core.config import Settings
 from aihub.core.db import Sessions, ping
 from aihub.core.errors import error_responses
 from aihub.providers.routing import ModelChain
@@ -28,7 +29,19 @@ async def health(request: Request) -> dict[str, Any]:
                 "offline": chain.primary.provider.name == "offline",
             }
             for product, chain in chains.items()
-        },
+        }
+        | {"byok": _byok(request.app.state.settings)},
+    }
+
+
+def _byok(settings: Settings) -> dict[str, Any]:
+    """Bring-your-own-key chat: OpenAI (or `OPENAI_BASE_URL`) with each caller's key."""
+    return {
+        "provider": "openai",
+        "model": settings.byok_allowed_models[0],
+        "models": settings.byok_allowed_models,
+        "keys": "caller",
+        "offline": False,
     }
 
 

@@ -155,6 +155,14 @@ class ProviderRegistry:
                 base_url=settings.openai_base_url,
                 **common,
             )
+        from aihub.providers.openai import OpenAIProvider
+
+        # Bring-your-own-key chat: OPENAI_BASE_URL with each caller's key, never the server's.
+        self.byok = OpenAIProvider(
+            api_key="unused-every-request-brings-its-own-key",
+            base_url=settings.openai_base_url,
+            **common,
+        )
         if settings.gemini_api_key:
             from aihub.providers.gemini import GeminiProvider
 
@@ -181,7 +189,7 @@ class ProviderRegistry:
         return ModelChain(candidates or (Candidate(self.offline, OFFLINE_MODEL),), spec)
 
     async def aclose(self) -> None:
-        providers: list[TextProvider | ImageProvider] = [*self.text.values()]
+        providers: list[TextProvider | ImageProvider] = [*self.text.values(), self.byok]
         providers += [p for p in self.image.values() if p not in providers]
         for provider in providers:
             await provider.aclose()

@@ -1,0 +1,75 @@
+"""Bring-your-own-key chat: the caller's history and key, relayed to OpenAI (or the server's
+`OPENAI_BASE_URL`), the upstream opened before the answer is committed."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aihub.byok.schemas import ChatRequest
+from aihub.core.errors import Unprocessable
+from aihub.core.sse import StreamEvent
+from aihub.providers.base import Message, ProviderError, TextDelta, TextPart, TextRequest, Usage
+from aihub.providers.openai import OpenAIProvider
+from aihub.providers.routing import Candidate, ModelChain, OpenedStream
+
+
+def to_text_request(
+    body: ChatRequest, *, max_history: int, max_chars: int, allowed_models: list[str]
+) -> tuple[TextRequest, str]:
+    """The model request and model name; `Unprocessable` (422) naming the field otherwise."""
+    model = body.model or allowed_models[0]
+    if model not in allowed_models:
+        raise Unprocessable(f"model: must be one of {', '.join(allowed_models)}")
+    for field, text in (
+        ("user_message", body.user_message),
+        ("developer_message", body.developer_message),
+    ):
+        if len(text) > max_chars:
+            raise Unprocessable(f"{field}: must be at most {max_chars} characters")
+    history = [
+        Message("user" if item.role == "user" else "assistant", (_text(item.content),))
+        for item in body.chat_history
+        if item.content and item.content.strip()
+    ]
+    # The client never trims its history: send the most recent part rather than refuse.
+    recent = history[len(history) - max_history :] if max_history else []
+    messages = (*recent, Message.user(body.user_message))
+    return TextRequest(messages=messages, system=body.developer_message or None), model
+
+
+def _text(text: str | None) -> TextPart:
+    return TextPart(text or "")
+
+
+async def open_reply(
+    provider: OpenAIProvider, request: TextRequest, *, model: str, api_key: str
+) -> OpenedStream:
+    """Open the upstream stream with the caller's key: a rejection (bad key, quota, unknown model)
+    raises here, before any byte of the answer."""
+    chain = ModelChain((Candidate(provider.with_api_key(api_key), model),), configured="byok")
+    return await chain.open_stream(request)
+
+
+async def reply_events(opened: OpenedStream) -> AsyncIterator[StreamEvent]:
+    usage: Usage | None = None
+    try:
+        async for event in opened:
+            if isinstance(event, TextDelta):
+                yield StreamEvent.delta(event.text)
+            elif isinstance(event, Usage):
+                usage = event
+    except ProviderError as exc:
+        yield StreamEvent.error(exc.code, exc.message)
+        return
+    finally:
+        await opened.aclose()
+    yield StreamEvent(
+        "done",
+        {
+            "model": opened.model,
+            "usage": {
+                "input_tokens": usage.input_tokens if usage else None,
+                "output_tokens": usage.output_tokens if usage else None,
+            },
+        },
+    )
