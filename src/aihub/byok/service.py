@@ -8,7 +8,16 @@ from collections.abc import AsyncIterator
 from aihub.byok.schemas import ChatRequest
 from aihub.core.errors import Unprocessable
 from aihub.core.sse import StreamEvent
-from aihub.providers.base import Message, ProviderError, TextDelta, TextPart, TextRequest, Usage
+from aihub.providers.base import (
+    Message,
+    ProviderAuthError,
+    ProviderError,
+    ProviderNotFound,
+    TextDelta,
+    TextPart,
+    TextRequest,
+    Usage,
+)
 from aihub.providers.openai import OpenAIProvider
 from aihub.providers.routing import Candidate, ModelChain, OpenedStream
 
@@ -41,13 +50,30 @@ def _text(text: str | None) -> TextPart:
     return TextPart(text or "")
 
 
+class KeyRejected(ProviderAuthError):
+    """The caller's own key was refused: theirs to fix, so a 401 rather than a 502."""
+
+    status_code = 401
+    default_message = "OpenAI rejected the API key"
+
+
+class ModelNotFound(ProviderNotFound):
+    status_code = 404
+    default_message = "OpenAI does not offer this model to this API key"
+
+
 async def open_reply(
     provider: OpenAIProvider, request: TextRequest, *, model: str, api_key: str
 ) -> OpenedStream:
     """Open the upstream stream with the caller's key: a rejection (bad key, quota, unknown model)
-    raises here, before any byte of the answer."""
+    raises here, with that status, before any byte of the answer."""
     chain = ModelChain((Candidate(provider.with_api_key(api_key), model),), configured="byok")
-    return await chain.open_stream(request)
+    try:
+        return await chain.open_stream(request)
+    except ProviderAuthError as exc:
+        raise KeyRejected(upstream_status=exc.upstream_status, provider="openai") from None
+    except ProviderNotFound as exc:
+        raise ModelNotFound(upstream_status=exc.upstream_status, provider="openai") from None
 
 
 async def reply_events(opened: OpenedStream) -> AsyncIterator[StreamEvent]:
