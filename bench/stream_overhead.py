@@ -1,6 +1,10 @@
-"""What aihub adds to a stream: the ideas stream through aihub vs the same upstream called directly.
+"""What aihub adds to a stream: a product's stream through aihub vs its upstream called directly.
 
-    uv run python bench/stream_overhead.py [--streams 300] [--arrival 3] [--rounds 2]
+    uv run python bench/stream_overhead.py [--product ideas|byok] [--streams 300] [--arrival 3]
+
+`--product ideas` (the default) measures `GET /api`, the business-idea stream (`--wire markdown`
+as the original client reads it, or `--wire json`); `--product byok` measures `POST /api/chat`,
+the bring-your-own-key relay, read as the plain text its client appends.
 
 Starts a fake OpenAI upstream (100 tokens at 20 ms) and `aihub serve` as separate processes on
 loopback ports, then measures, at the client, the time to first token and the largest gap between
@@ -49,9 +53,10 @@ class Arm:
 
 ArmSpec = tuple[
     Callable[[aiohttp.ClientSession], Awaitable[aiohttp.ClientResponse]],
-    Callable[[bytes], bool],
+    Callable[[bytes], bool] | None,
 ]
-"""How to open one stream of an arm, and which lines of it carry model text."""
+"""How to open one stream of an arm, and which lines of it carry model text (None: the stream is
+plain text, and every chunk that arrives does)."""
 
 
 def free_port() -> int:
@@ -78,7 +83,7 @@ async def wait_ready(url: str, timeout: float = 30) -> None:
 async def read_stream(
     session: aiohttp.ClientSession,
     request: Callable[[], Awaitable[aiohttp.ClientResponse]],
-    is_token: Callable[[bytes], bool],
+    is_token: Callable[[bytes], bool] | None,
 ) -> Sample:
     started = time.perf_counter()
     first: float | None = None
@@ -89,8 +94,9 @@ async def read_stream(
     async with response:
         if response.status != 200:
             raise RuntimeError(f"status {response.status}")
-        async for line in response.content:
-            if not is_token(line):
+        pieces = response.content if is_token else response.content.iter_any()
+        async for line in pieces:
+            if is_token is not None and not is_token(line):
                 continue
             now = time.perf_counter()
             if first is None:
@@ -139,6 +145,22 @@ def aihub_arm(base: str, token: str, wire: str) -> ArmSpec:
     if wire == "json":
         return request, lambda line: line.startswith(b'data: {"text"')
     return request, lambda line: line.startswith(b"data: ") and len(line) > 7
+
+
+def byok_arm(base: str) -> ArmSpec:
+    """Bring-your-own-key chat as its original client reads it: plain text, appended."""
+    body = {
+        "developer_message": "You are a helpful assistant.",
+        "user_message": "Come up with a new business idea",
+        "chat_history": [],
+        "model": "gpt-4.1-mini",
+        "api_key": "sk-bench-000000000000000000000000",
+    }
+
+    def request(session: aiohttp.ClientSession) -> Awaitable[aiohttp.ClientResponse]:
+        return session.post(f"{base}/api/chat", json=body)
+
+    return request, None
 
 
 async def run_burst(
@@ -232,6 +254,7 @@ async def main() -> int:
     parser.add_argument("--single", type=int, default=30, help="sequential streams per arm")
     parser.add_argument("--rounds", type=int, default=2, help="ABBA rounds of the concurrent test")
     parser.add_argument("--workers", type=int, default=1, help="aihub worker processes")
+    parser.add_argument("--product", choices=["ideas", "byok"], default="ideas")
     parser.add_argument(
         "--wire",
         choices=["markdown", "json"],
@@ -278,6 +301,8 @@ async def main() -> int:
                 # The quota stays on (every stream reserves a unit, as in production), just
                 # large enough for every round of the benchmark.
                 "IDEAS_DAILY_QUOTA": "1000000000",
+                # Likewise the per-client rate limit of the bring-your-own-key chat.
+                "BYOK_RATE_LIMIT": "1000000/second",
             },
         ),
     ]
@@ -285,7 +310,8 @@ async def main() -> int:
         await wait_ready(f"{upstream}/health")
         await wait_ready(f"{base}/api/health", timeout=60)
         token = await register(base)
-        direct_spec, aihub_spec = direct_arm(upstream), aihub_arm(base, token, args.wire)
+        direct_spec = direct_arm(upstream)
+        aihub_spec = byok_arm(base) if args.product == "byok" else aihub_arm(base, token, args.wire)
         # Warm up both paths (connection pools, imports, JIT-free caches).
         await run_burst(Arm("warm"), direct_spec, streams=5, arrival=0.1)
         await run_burst(Arm("warm"), aihub_spec, streams=5, arrival=0.1)

@@ -47,7 +47,7 @@ class RateLimit:
     def parse(cls, spec: str) -> RateLimit:
         """`"20/minute"`, `"100/hour"`, `"5/10second"`; `ValueError` otherwise."""
         match = _SPEC.match(spec.lower())
-        if not match or int(match.group(1)) < 1:
+        if not match or int(match.group(1)) < 1 or int(match.group(2) or 1) < 1:
             raise ValueError("must look like 20/minute (N/second, minute, hour or day)")
         count, multiple, unit = match.groups()
         return cls(int(count), int(multiple or 1) * _PERIODS[unit])
@@ -75,6 +75,9 @@ class RateLimiter(ABC):
         """Release connections."""
 
 
+_FLOAT_SLACK = 1e-6
+
+
 class MemoryRateLimiter(RateLimiter):
     """GCRA in this process (one event loop: no locks needed)."""
 
@@ -89,7 +92,7 @@ class MemoryRateLimiter(RateLimiter):
         interval = limit.period / limit.limit
         new_tat = max(self._tats.get(key, now), now) + interval
         allow_at = new_tat - limit.period
-        if now < allow_at:
+        if now < allow_at - _FLOAT_SLACK:  # N additions of period/N may exceed the period a hair
             return allow_at - now
         self._tats[key] = new_tat
         return None
@@ -134,7 +137,9 @@ class RedisRateLimiter(RateLimiter):
         micros = limit.period * 1_000_000
         try:
             wait = await self._script(
-                keys=[self._prefix + key], args=[math.ceil(micros / limit.limit), micros]
+                # Rounded down: a whole burst at one instant must fit in the period.
+                keys=[self._prefix + key],
+                args=[max(1, math.floor(micros / limit.limit)), math.floor(micros)],
             )
         except (RedisError, OSError) as exc:
             logger.warning("rate limiter unavailable: %s", type(exc).__name__)
@@ -173,6 +178,8 @@ def _is_trusted(address: str, trusted: Sequence[IPNetwork]) -> bool:
         ip = ipaddress.ip_address(address)
     except ValueError:
         return False  # a name or garbage: never a trusted hop, so it is the client
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # an IPv4 proxy seen by a dual-stack listener
     return any(ip in network for network in trusted)
 
 
