@@ -62,6 +62,22 @@ BAD_SETTINGS = {
         {"DATA_DIR": "/proc/nope"},
         "aihub: DATA_DIR: cannot create /proc/nope (no such file or directory)",
     ),
+    "unreachable-redis": (
+        {"REDIS_URL": "redis://:s3cret-pw@127.0.0.1:1/0"},
+        "aihub: REDIS_URL: cannot connect (ConnectionError)",
+    ),
+    "byok-rate-limit": (
+        {"BYOK_RATE_LIMIT": "lots"},
+        "aihub: BYOK_RATE_LIMIT: must look like 20/minute (N/second, minute, hour or day)",
+    ),
+    "clerk-webhook-secret": (
+        {"CLERK_WEBHOOK_SECRET": "whsec_not*base64"},
+        "aihub: CLERK_WEBHOOK_SECRET: must be a svix signing secret (whsec_ followed by base64)",
+    ),
+    "quota": (
+        {"CHALLENGES_DAILY_QUOTA": "-3"},
+        "aihub: CHALLENGES_DAILY_QUOTA: Input should be greater than or equal to 0",
+    ),
     "clerk-jwks-url": (
         {"CLERK_JWKS_URL": "notaurl"},
         "aihub: CLERK_JWKS_URL: must be an absolute http:// or https:// URL",

@@ -56,6 +56,29 @@ def check_start_up(settings: Settings) -> None:
     if settings.clerk_jwt_key:
         parse_public_key(settings.clerk_jwt_key, source="CLERK_JWT_KEY")
     check_database(settings.resolved_database_url)
+    if settings.redis_url:
+        check_redis(settings.redis_url)
+
+
+def check_redis(url: str) -> None:
+    """Ping Redis once: rate limits configured to be shared must not silently be off."""
+    from redis.exceptions import RedisError
+
+    try:
+        asyncio.run(_ping_redis(url))
+    except (OSError, RedisError) as exc:
+        # Never the URL itself: it may hold a password.
+        raise ConfigError(f"REDIS_URL: cannot connect ({type(exc).__name__})") from None
+
+
+async def _ping_redis(url: str) -> None:
+    from redis.asyncio import Redis
+
+    client = Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        await client.ping()
+    finally:
+        await client.aclose()
 
 
 def prepare_data_dir(path: Path) -> None:
