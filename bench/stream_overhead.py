@@ -256,6 +256,12 @@ async def main() -> int:
     parser.add_argument("--workers", type=int, default=1, help="aihub worker processes")
     parser.add_argument("--product", choices=["ideas", "byok"], default="ideas")
     parser.add_argument(
+        "--database-url", help="aihub's DATABASE_URL (default: SQLite in a scratch folder)"
+    )
+    parser.add_argument(
+        "--no-quota", action="store_true", help="ideas without a quota (to see what it costs)"
+    )
+    parser.add_argument(
         "--wire",
         choices=["markdown", "json"],
         default="markdown",
@@ -292,6 +298,7 @@ async def main() -> int:
             {
                 **env,
                 "DATA_DIR": data_dir,
+                **({"DATABASE_URL": args.database_url} if args.database_url else {}),
                 "OPENAI_API_KEY": "sk-bench-0000000000",
                 "OPENAI_BASE_URL": f"{upstream}/v1",
                 "LOG_LEVEL": "WARNING",
@@ -300,7 +307,7 @@ async def main() -> int:
                 "WEB_CONCURRENCY": str(args.workers),
                 # The quota stays on (every stream reserves a unit, as in production), just
                 # large enough for every round of the benchmark.
-                "IDEAS_DAILY_QUOTA": "1000000000",
+                "IDEAS_DAILY_QUOTA": "unlimited" if args.no_quota else "1000000000",
                 # Likewise the per-client rate limit of the bring-your-own-key chat.
                 "BYOK_RATE_LIMIT": "1000000/second",
             },
