@@ -1,4 +1,5 @@
-"""Local accounts (`/api/auth/*`), the caller's profile (`/api/me`) and aihub's public keys."""
+"""Local accounts (`/api/auth/*`), the caller's profile (`/api/me`), aihub's public keys, and
+Clerk's webhooks (`/webhooks/clerk`, `/clerk-webhook`)."""
 
 from __future__ import annotations
 
