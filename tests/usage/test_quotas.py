@@ -212,3 +212,45 @@ async def test_usage_shows_each_product_s_calls_tokens_and_limits(
     assert {r.outcome for r in mine if str(r.user_id) == user_id} == {"succeeded", "failed"}
     assert all(r.latency_ms >= 0 and r.provider == "openai" for r in mine)
     assert (await served.client.get("/api/usage?days=0", headers=bearer(token))).status_code == 422
+
+
+async def test_every_provider_a_fallback_chain_tried_is_in_the_ledger(
+    make_app: MakeApp, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.fail_with(503)
+    chain = {"ideas_model": "openai:gpt-5-nano,offline:offline"}
+    async with make_app(challenges_model="openai:gpt-4o-mini,offline:offline", **chain) as served:
+        _, token = await create_user(served.client)
+        sse = {"Accept": "text/event-stream", **bearer(token)}
+        assert (await served.client.get("/api", headers=sse)).status_code == 200
+        assert (await generate(served, token)).status_code == 200
+
+        async with served.app.state.sessions() as session:
+            rows = list(await session.scalars(select(UsageRecord)))
+        calls = sorted((r.product, r.provider, r.outcome, r.error) for r in rows)
+        assert calls == [
+            ("challenges", "offline", "succeeded", None),
+            ("challenges", "openai", "failed", "provider_unavailable"),
+            ("ideas", "offline", "succeeded", None),
+            ("ideas", "openai", "failed", "provider_unavailable"),
+        ]
+
+
+async def test_a_chain_that_fails_throughout_records_each_try_and_refunds(
+    make_app: MakeApp, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.fail_with(503)
+    async with make_app(ideas_model="openai:gpt-5-nano,openai:gpt-5-mini") as served:
+        _, token = await create_user(served.client)
+        response = await served.client.get("/api?format=json", headers=bearer(token))
+        assert response.status_code == 503
+
+        async with served.app.state.sessions() as session:
+            rows = list(await session.scalars(select(UsageRecord)))
+        assert sorted((r.model, r.outcome) for r in rows) == [
+            ("gpt-5-mini", "failed"),
+            ("gpt-5-nano", "failed"),
+        ]
+        body = (await served.client.get("/api/usage", headers=bearer(token))).json()
+        ideas = next(p for p in body["products"] if p["product"] == "ideas")
+        assert ideas["quota"]["remaining"] == ideas["quota"]["initial"]

@@ -27,7 +27,7 @@ from aihub.challenges.models import Challenge
 from aihub.core.errors import NotFound
 from aihub.core.pagination import page_newest_first
 from aihub.providers.base import Message, ProviderError, TextDelta, TextRequest, Usage
-from aihub.providers.routing import ModelChain
+from aihub.providers.routing import FailedAttempt, ModelChain
 from aihub.usage import quotas
 from aihub.usage.quotas import QuotaPolicy
 from aihub.usage.service import record_usage
@@ -140,11 +140,17 @@ def _with_messages(request: TextRequest, more: tuple[Message, ...]) -> TextReque
 
 
 async def _ask(chain: ModelChain, request: TextRequest, calls: list[_Call]) -> str:
+    """The model's whole answer; every provider call it took is added to `calls`."""
     call = _Call(chain.primary.provider.name, chain.primary.model, time.perf_counter())
-    calls.append(call)
     parts: list[str] = []
     try:
-        opened = await chain.open_stream(request)
+        try:
+            opened = await chain.open_stream(request)
+        except ProviderError as exc:
+            calls.extend(_failed(exc.attempts))
+            raise
+        calls.extend(_failed(opened.failed))
+        calls.append(call)
         call.provider, call.model = opened.provider, opened.model
         try:
             async for event in opened:
@@ -159,10 +165,19 @@ async def _ask(chain: ModelChain, request: TextRequest, calls: list[_Call]) -> s
         raise
     except BaseException:
         call.outcome = "cancelled"
+        if not any(c is call for c in calls):
+            calls.append(call)
         raise
     finally:
         call.latency_ms = round((time.perf_counter() - call.started) * 1000)
     return "".join(parts)
+
+
+def _failed(attempts: list[FailedAttempt]) -> list[_Call]:
+    return [
+        _Call(a.provider, a.model, 0.0, a.latency_ms, outcome="failed", error=a.error)
+        for a in attempts
+    ]
 
 
 async def _settle(

@@ -19,10 +19,10 @@ from aihub.core.pagination import page_newest_first
 from aihub.core.sse import StreamEvent
 from aihub.ideas.models import Idea
 from aihub.providers.base import Finish, Message, ProviderError, TextDelta, TextRequest, Usage
-from aihub.providers.routing import ModelChain, OpenedStream
+from aihub.providers.routing import FailedAttempt, ModelChain, OpenedStream
 from aihub.usage import quotas
 from aihub.usage.quotas import QuotaPolicy
-from aihub.usage.service import record_usage
+from aihub.usage.service import record_failed_attempts, record_usage
 from aihub.users.models import User
 
 logger = logging.getLogger("aihub.ideas")
@@ -56,16 +56,21 @@ async def start_idea(
         with anyio.CancelScope(shield=True):
             async with sessions.begin() as session:
                 await quotas.refund(session, user_id=user.id, product="ideas")
-                record_usage(
-                    session,
-                    user_id=user.id,
-                    product="ideas",
-                    provider=getattr(exc, "provider", "") or chain.primary.provider.name,
-                    model=chain.primary.model,
-                    latency_ms=_ms_since(started),
-                    outcome="failed" if isinstance(exc, ProviderError) else "cancelled",
-                    error=exc.code if isinstance(exc, AppError) else None,
-                )
+                if isinstance(exc, ProviderError):
+                    record_failed_attempts(
+                        session, user_id=user.id, product="ideas", attempts=exc.attempts
+                    )
+                else:  # the client left, or something broke while the provider was opening
+                    record_usage(
+                        session,
+                        user_id=user.id,
+                        product="ideas",
+                        provider=chain.primary.provider.name,
+                        model=chain.primary.model,
+                        latency_ms=_ms_since(started),
+                        outcome="cancelled",
+                        error=exc.code if isinstance(exc, AppError) else None,
+                    )
         raise
     idea = Idea(
         id=uuid.uuid4(),
@@ -124,7 +129,14 @@ async def _idea_events(
             # The text is whole: let the client have all of it now, not after the write below
             # (which, on a busy embedded database, can take a good fraction of a second).
             yield StreamEvent("usage", draft.usage_read())
-        await _save(sessions, idea, draft, error=failure.code if failure else None, started=started)
+        await _save(
+            sessions,
+            idea,
+            draft,
+            error=failure.code if failure else None,
+            started=started,
+            failed=opened.failed,
+        )
         saved = True
     except BaseException as exc:
         if not saved:
@@ -134,7 +146,9 @@ async def _idea_events(
             error = None if finished else "client_disconnected" if gone else "internal_error"
             with anyio.CancelScope(shield=True):
                 await opened.aclose()
-                await _save(sessions, idea, draft, error=error, started=started)
+                await _save(
+                    sessions, idea, draft, error=error, started=started, failed=opened.failed
+                )
         raise
     if failure is not None:
         yield StreamEvent.error(failure.code, failure.message, idea_id=str(idea.id), partial=True)
@@ -159,6 +173,7 @@ async def _save(
     *,
     error: str | None,
     started: float,
+    failed: list[FailedAttempt],
 ) -> None:
     """Store the idea with its usage row; a provider's failure gives the unit back (a client
     that left keeps its charge: the tokens were spent on its behalf)."""
@@ -172,6 +187,7 @@ async def _save(
     provider_failed = error is not None and error not in ("client_disconnected", "internal_error")
     async with sessions.begin() as session:
         session.add(idea)
+        record_failed_attempts(session, user_id=idea.user_id, product="ideas", attempts=failed)
         record_usage(
             session,
             user_id=idea.user_id,

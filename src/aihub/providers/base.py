@@ -146,6 +146,8 @@ class ProviderError(AppError):
         self.provider = provider
         self.upstream_status = upstream_status
         self.retry_after = retry_after
+        self.attempts: list[Any] = []
+        """Set by a fallback chain: every candidate that failed (`routing.FailedAttempt`)."""
 
 
 class ProviderUnavailable(ProviderError):

@@ -8,6 +8,7 @@ Providers with no credentials are left out of a chain; a chain left empty runs o
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -42,11 +43,21 @@ class Candidate:
         return f"{self.provider.name}:{self.model}"
 
 
+@dataclass(frozen=True, slots=True)
+class FailedAttempt:
+    """A candidate of a chain that failed before its first output (for the usage ledger)."""
+
+    provider: str
+    model: str
+    error: str
+    latency_ms: int
+
+
 class OpenedStream:
     """A provider stream that has already produced its first output.
 
     Iterate it for every event (those read while opening come first); `aclose()` closes the
-    upstream request.
+    upstream request. `failed` lists the candidates tried before this one.
     """
 
     def __init__(
@@ -54,6 +65,7 @@ class OpenedStream:
     ) -> None:
         self.provider = candidate.provider.name
         self.model = candidate.model
+        self.failed: list[FailedAttempt] = []
         self._head = head
         self._rest = rest
 
@@ -89,9 +101,11 @@ class ModelChain:
         return self.candidates[0]
 
     async def open_stream(self, request: TextRequest) -> OpenedStream:
-        """Open the first candidate that answers; raise the last error if none does."""
-        error: ProviderError | None = None
+        """Open the first candidate that answers; raise the last error if none does (its
+        `attempts` list every candidate that failed)."""
+        failed: list[FailedAttempt] = []
         for candidate in self.candidates:
+            started = time.perf_counter()
             try:
                 opened = await _open(candidate, request)
             except ProviderError as exc:
@@ -101,14 +115,18 @@ class ModelChain:
                     "provider failed before its first output",
                     extra={"provider": candidate.label, "error": exc.code},
                 )
-                if not exc.fallback:
+                latency_ms = round((time.perf_counter() - started) * 1000)
+                failed.append(
+                    FailedAttempt(candidate.provider.name, candidate.model, exc.code, latency_ms)
+                )
+                if not exc.fallback or candidate is self.candidates[-1]:
+                    exc.attempts = failed
                     raise
-                error = exc
             else:
                 metrics.provider_requests.labels(candidate.provider.name, "opened").inc()
+                opened.failed = failed
                 return opened
-        assert error is not None
-        raise error
+        raise AssertionError("a chain has at least one candidate")
 
 
 async def _open(candidate: Candidate, request: TextRequest) -> OpenedStream:

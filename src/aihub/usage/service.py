@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -10,6 +11,7 @@ from sqlalchemy import case, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from aihub.core.db import utcnow
+from aihub.providers.routing import FailedAttempt
 from aihub.usage.models import UsageRecord
 from aihub.usage.quotas import Product
 
@@ -45,6 +47,27 @@ def record_usage(
     )
     session.add(record)
     return record
+
+
+def record_failed_attempts(
+    session: AsyncSession,
+    *,
+    user_id: uuid.UUID,
+    product: Product,
+    attempts: Iterable[FailedAttempt],
+) -> None:
+    """A usage row for each provider of a fallback chain that failed before answering."""
+    for attempt in attempts:
+        record_usage(
+            session,
+            user_id=user_id,
+            product=product,
+            provider=attempt.provider,
+            model=attempt.model,
+            latency_ms=attempt.latency_ms,
+            outcome="failed",
+            error=attempt.error,
+        )
 
 
 @dataclass(frozen=True, slots=True)
