@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from datetime import datetime
 from typing import Any
 
+import pytest
 from sqlalchemy import select
 
+from aihub.usage import quotas
 from aihub.usage.models import Quota, UsageRecord
+from aihub.usage.quotas import QuotaExceeded, QuotaPolicy
 from tests.clocks import FakeClock
 from tests.conftest import MakeApp, Served
 from tests.factories import bearer, create_user
@@ -254,3 +258,39 @@ async def test_a_chain_that_fails_throughout_records_each_try_and_refunds(
         body = (await served.client.get("/api/usage", headers=bearer(token))).json()
         ideas = next(p for p in body["products"] if p["product"] == "ideas")
         assert ideas["quota"]["remaining"] == ideas["quota"]["initial"]
+
+
+async def test_several_units_at_once_are_all_or_nothing(served: Served) -> None:
+    """Images reserve one unit per image: a request for more than is left takes nothing."""
+    user_id, _ = await create_user(served.client)
+    policy = QuotaPolicy(initial=2, daily=5)
+    clock = FakeClock()
+    sessions = served.app.state.sessions
+
+    async def reserve(units: int) -> int | None:
+        async with sessions.begin() as session:
+            return await quotas.reserve(
+                session,
+                user_id=uuid.UUID(user_id),
+                product="images",
+                policy=policy,
+                now=clock.now,
+                units=units,
+            )
+
+    async def balance() -> int | None:
+        async with sessions() as session:
+            current = await quotas.get_balance(
+                session, user_id=uuid.UUID(user_id), product="images", policy=policy, now=clock.now
+            )
+            return current.remaining
+
+    with pytest.raises(QuotaExceeded):
+        await reserve(3)  # a new user starts with 2
+    assert await balance() == 2
+    assert await reserve(2) == 0
+    clock.advance(hours=24)
+    assert await reserve(3) == 2  # topped up to 5 first
+    with pytest.raises(QuotaExceeded):
+        await reserve(3)
+    assert await balance() == 2

@@ -97,7 +97,7 @@ async def reserve(
         return None
     if units > policy.initial:
         # The insert branch below would start the row below zero: create it untouched first.
-        await session.execute(_upsert(session, user_id, product, policy.initial, now))
+        await session.execute(_insert_if_absent(session, user_id, product, policy.initial, now))
     statement = _reserve_statement(session.get_bind().dialect.name)
     parameters = {
         "user_id": user_id,
@@ -151,23 +151,14 @@ def _reserve_statement(dialect: str) -> ReturningInsert[Any]:
     )
 
 
-def _upsert(
-    session: AsyncSession,
-    user_id: uuid.UUID,
-    product: Product,
-    remaining: int,
-    now: datetime,
-    *,
-    update: bool = True,
+def _insert_if_absent(
+    session: AsyncSession, user_id: uuid.UUID, product: Product, remaining: int, now: datetime
 ) -> postgresql.Insert | sqlite.Insert:
-    """INSERT of a new balance in the session's dialect; with `update=False` the caller adds the
-    ON CONFLICT clause, else it is DO NOTHING."""
+    """A new balance, unless the user already has one for this product."""
     statement = dialect_insert(session, Quota).values(
         user_id=user_id, product=product, remaining=remaining, last_reset_at=now
     )
-    if update:
-        return statement.on_conflict_do_nothing(index_elements=[Quota.user_id, Quota.product])
-    return statement
+    return statement.on_conflict_do_nothing(index_elements=[Quota.user_id, Quota.product])
 
 
 async def refund(
@@ -211,4 +202,4 @@ async def grant_initial(
     """Create a new user's balances (the Clerk webhook does; first use would otherwise)."""
     for product, policy in policies.items():
         if policy is not None:
-            await session.execute(_upsert(session, user_id, product, policy.initial, now))
+            await session.execute(_insert_if_absent(session, user_id, product, policy.initial, now))
