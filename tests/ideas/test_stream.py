@@ -68,7 +68,7 @@ async def test_json_variant_names_events_and_reports_the_stored_idea(
     assert isinstance(done.data, dict)
     assert done.data["provider"] == "openai"
     assert done.data["model"] == "gpt-5-nano"
-    assert done.data["usage"] == {"input_tokens": 21, "output_tokens": len(deltas)}
+    assert done.data["usage"] == {"input_tokens": 21, "output_tokens": len(fake_openai.tokens)}
 
     stored = await served.client.get(f"/api/ideas/{done.data['idea_id']}", headers=bearer(token))
     assert stored.status_code == 200

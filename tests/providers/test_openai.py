@@ -61,8 +61,20 @@ async def test_streams_the_text_exactly(provider: OpenAIProvider, fake_openai: F
     assert any(t.startswith("\n") and t.strip() for t in fake_openai.tokens)
     assert "\n\n" in fake_openai.tokens
     deltas = [event for event in events if isinstance(event, TextDelta)]
-    assert len(deltas) == len(fake_openai.tokens)
     assert all(delta.text for delta in deltas)
+
+
+async def test_tokens_that_arrive_apart_stay_apart_and_together_are_joined(
+    provider: OpenAIProvider, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.token_delay = 0.01  # one token a network read: one delta each
+    paced = [e.text for e in await collect(provider) if isinstance(e, TextDelta)]
+    assert paced == fake_openai.tokens
+
+    fake_openai.token_delay = 0  # many tokens a read (as under load): fewer, longer deltas
+    burst = [e.text for e in await collect(provider) if isinstance(e, TextDelta)]
+    assert "".join(burst) == fake_openai.text
+    assert len(burst) < len(fake_openai.tokens)
 
 
 async def test_usage_then_finish_last(provider: OpenAIProvider, fake_openai: FakeOpenAI) -> None:

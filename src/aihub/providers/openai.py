@@ -90,12 +90,15 @@ class OpenAIProvider(TextProvider):
                 model=model, messages=[], stream=True, extra_body=params
             ) as response:
                 reader = _ChunkReader()
-                async with aclosing(_sse_data(_body(response.http_response))) as payloads:
-                    async for payload in payloads:
-                        if payload == b"[DONE]":
-                            break
-                        for event in reader.feed(payload, provider=self):
+                async with aclosing(_sse_batches(_body(response.http_response))) as batches:
+                    async for batch in batches:
+                        events, error = reader.feed_batch(batch, provider=self)
+                        for event in events:
                             yield event
+                        if error is not None:
+                            raise error  # after the text that came before it
+                        if reader.done:
+                            break
                 yield reader.finish(provider=self)
         except openai.APIStatusError as exc:
             raise self._status_error(exc) from exc
@@ -128,6 +131,37 @@ class _ChunkReader:
 
     def __init__(self) -> None:
         self.finish_reason: str | None = None
+        self.done = False
+
+    def feed_batch(
+        self, payloads: list[bytes], *, provider: OpenAIProvider
+    ) -> tuple[list[TextEvent], ProviderError | None]:
+        """The events of the payloads that arrived together, consecutive text joined into one
+        delta (under load one network read holds many tokens, and every event costs a trip
+        through the stream and a write to the client), and the error that ended them, if any."""
+        events: list[TextEvent] = []
+        text: list[str] = []
+        error: ProviderError | None = None
+        for payload in payloads:
+            if payload == b"[DONE]":
+                self.done = True
+                break
+            try:
+                fed = self.feed(payload, provider=provider)
+            except ProviderError as exc:
+                error = exc
+                break
+            for event in fed:
+                if isinstance(event, TextDelta):
+                    text.append(event.text)
+                    continue
+                if text:
+                    events.append(TextDelta("".join(text)))
+                    text = []
+                events.append(event)
+        if text:
+            events.append(TextDelta("".join(text)))
+        return events, error
 
     def feed(self, payload: bytes, *, provider: OpenAIProvider) -> list[TextEvent]:
         try:
@@ -173,17 +207,18 @@ def _body(response: httpx2.Response) -> AsyncIterator[bytes]:
     return response.aiter_raw() if encoding == "identity" else response.aiter_bytes()
 
 
-async def _sse_data(chunks: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]:
-    """The payload of each `data:` line of a server-sent event stream."""
+async def _sse_batches(chunks: AsyncIterator[bytes]) -> AsyncGenerator[list[bytes], None]:
+    """The payloads of the `data:` lines of a server-sent event stream, a list for each network
+    read that completed at least one."""
     buffer = b""
     async for chunk in chunks:
         buffer += chunk
         *lines, buffer = buffer.split(b"\n")
-        for line in lines:
-            if line.startswith(b"data:"):
-                yield line[5:].strip()
+        payloads = [line[5:].strip() for line in lines if line.startswith(b"data:")]
+        if payloads:
+            yield payloads
     if buffer.startswith(b"data:"):
-        yield buffer[5:].strip()
+        yield [buffer[5:].strip()]
 
 
 def _create_params(request: TextRequest, *, model: str) -> dict[str, Any]:
