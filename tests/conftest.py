@@ -145,7 +145,7 @@ def make_settings(
             "auth_allow_registration": True,
         }
         values.update(overrides)
-        return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+        return Settings(_env_file=None, **values)
 
     return make
 

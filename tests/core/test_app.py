@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -15,7 +16,7 @@ async def test_body_over_the_limit_is_413_json(make_app: MakeApp) -> None:
         big = {"email": "a@example.com", "password": "x" * 4096}
         declared = await served.client.post("/api/auth/login", json=big)
 
-        async def chunks():  # type: ignore[no-untyped-def]
+        async def chunks() -> AsyncIterator[bytes]:
             for _ in range(8):
                 yield b"x" * 1024
 

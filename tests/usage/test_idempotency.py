@@ -158,7 +158,7 @@ async def test_invalid_keys_are_refused(served: Served) -> None:
         response = await served.client.post(
             "/api/generate-challenge",
             json={"difficulty": "easy"},
-            headers={**bearer(token), "Idempotency-Key": key},  # type: ignore[dict-item]
+            headers=[(b"authorization", f"Bearer {token}".encode()), (b"idempotency-key", key)],
         )
         assert response.status_code == 422, key
         assert "Idempotency-Key" in response.json()["detail"]

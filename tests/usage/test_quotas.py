@@ -46,7 +46,7 @@ async def quota(served: Served, token: str) -> dict[str, Any]:
 async def stored_balance(served: Served, user_id: str, product: str) -> int:
     async with served.app.state.sessions() as session:
         rows = await session.scalars(select(Quota).where(Quota.product == product))
-        return next(row.remaining for row in rows if str(row.user_id) == user_id)
+        return int(next(row.remaining for row in rows if str(row.user_id) == user_id))
 
 
 async def test_sixty_concurrent_requests_against_ten_units_give_exactly_ten(
