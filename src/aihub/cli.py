@@ -56,8 +56,6 @@ def check_start_up(settings: Settings) -> None:
     if settings.clerk_jwt_key:
         parse_public_key(settings.clerk_jwt_key, source="CLERK_JWT_KEY")
     check_database(settings.resolved_database_url)
-    if settings.redis_url:
-        check_redis(settings.redis_url)
 
 
 def check_redis(url: str) -> None:
@@ -179,6 +177,8 @@ def serve(
     settings = _settings()
     with _reported_config_errors():
         check_start_up(settings)
+        if settings.redis_url:  # only the server uses it: migrations need not wait for Redis
+            check_redis(settings.redis_url)
     configure_logging(settings.log_level, settings.log_format)
     if migrate:
         run_migrations(settings)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import functools
 import time
 from typing import Annotated
 
@@ -18,7 +19,13 @@ router = APIRouter(tags=["byok"])
 
 
 def _byok_limit(settings: Settings) -> RateLimit | None:
-    return RateLimit.parse(settings.byok_rate_limit) if settings.byok_rate_limit else None
+    return _parsed_limit(settings.byok_rate_limit) if settings.byok_rate_limit else None
+
+
+@functools.lru_cache(maxsize=4)
+def _parsed_limit(spec: str) -> RateLimit:
+    """Parsed once, not on every request (the setting was validated at start-up)."""
+    return RateLimit.parse(spec)
 
 
 async def get_byok_provider(request: Request) -> OpenAIProvider:

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
-from sqlalchemy import DateTime, MetaData, event, text
+from sqlalchemy import DateTime, MetaData, event, inspect, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -165,3 +165,15 @@ def dialect_insert(session: AsyncSession, table: Any) -> postgresql.Insert | sql
     if session.get_bind().dialect.name == "postgresql":
         return postgresql.insert(table)
     return sqlite.insert(table)
+
+
+async def insert_if_absent(session: AsyncSession, model: type[Base], **values: Any) -> bool:
+    """`INSERT ... ON CONFLICT DO NOTHING`, one atomic statement: whether this call inserted the
+    row (False: it, or a row clashing with a unique key, was already there)."""
+    statement = (
+        dialect_insert(session, model)
+        .values(**values)
+        .on_conflict_do_nothing()
+        .returning(*inspect(model).primary_key)
+    )
+    return (await session.execute(statement)).first() is not None

@@ -22,7 +22,7 @@ from fastapi import Header
 from sqlalchemy import ColumnElement, delete, or_, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from aihub.core.db import dialect_insert
+from aihub.core.db import insert_if_absent
 from aihub.core.errors import Conflict, Unprocessable
 from aihub.usage.models import IdempotencyKey
 
@@ -153,19 +153,15 @@ class IdempotentRequest:
 
     async def _insert(self, session: AsyncSession) -> bool:
         user_id, scope, key = self._pk
-        statement = (
-            dialect_insert(session, IdempotencyKey)
-            .values(
-                user_id=user_id,
-                scope=scope,
-                key=key,
-                request_hash=self._hash,
-                created_at=self._now,
-            )
-            .on_conflict_do_nothing()
-            .returning(IdempotencyKey.key)
+        return await insert_if_absent(
+            session,
+            IdempotencyKey,
+            user_id=user_id,
+            scope=scope,
+            key=key,
+            request_hash=self._hash,
+            created_at=self._now,
         )
-        return (await session.execute(statement)).first() is not None
 
     async def _take_over(self, session: AsyncSession, row: IdempotencyKey) -> bool:
         """Claim a key whose first request died, or that has been kept long enough."""

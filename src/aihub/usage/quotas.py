@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.dml import ReturningInsert
 
 from aihub.core.config import Settings
-from aihub.core.db import UTCDateTime, dialect_insert
+from aihub.core.db import UTCDateTime, insert_if_absent
 from aihub.core.errors import AppError
 from aihub.usage.models import Quota
 
@@ -74,8 +74,6 @@ def _wait(seconds: int) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Balance:
-    product: Product
-    policy: QuotaPolicy | None
     remaining: int | None
     """None when the product is unlimited."""
     last_reset_at: datetime | None
@@ -97,7 +95,7 @@ async def reserve(
         return None
     if units > policy.initial:
         # The insert branch below would start the row below zero: create it untouched first.
-        await session.execute(_insert_if_absent(session, user_id, product, policy.initial, now))
+        await _start_balance(session, user_id, product, policy.initial, now)
     statement = _reserve_statement(session.get_bind().dialect.name)
     parameters = {
         "user_id": user_id,
@@ -151,14 +149,13 @@ def _reserve_statement(dialect: str) -> ReturningInsert[Any]:
     )
 
 
-def _insert_if_absent(
+async def _start_balance(
     session: AsyncSession, user_id: uuid.UUID, product: Product, remaining: int, now: datetime
-) -> postgresql.Insert | sqlite.Insert:
+) -> None:
     """A new balance, unless the user already has one for this product."""
-    statement = dialect_insert(session, Quota).values(
-        user_id=user_id, product=product, remaining=remaining, last_reset_at=now
+    await insert_if_absent(
+        session, Quota, user_id=user_id, product=product, remaining=remaining, last_reset_at=now
     )
-    return statement.on_conflict_do_nothing(index_elements=[Quota.user_id, Quota.product])
 
 
 async def refund(
@@ -182,14 +179,14 @@ async def get_balance(
 ) -> Balance:
     """The balance the next request would see (a due top-up counted, nothing written)."""
     if policy is None:
-        return Balance(product, None, None, None, None)
+        return Balance(None, None, None)
     row = await session.get(Quota, (user_id, product), populate_existing=True)
     if row is None:
-        return Balance(product, policy, policy.initial, None, None)
+        return Balance(policy.initial, None, None)
     remaining, last_reset_at = row.remaining, row.last_reset_at
     if last_reset_at <= now - PERIOD:
         remaining, last_reset_at = max(remaining, policy.daily), now
-    return Balance(product, policy, remaining, last_reset_at, last_reset_at + PERIOD)
+    return Balance(remaining, last_reset_at, last_reset_at + PERIOD)
 
 
 async def grant_initial(
@@ -202,4 +199,4 @@ async def grant_initial(
     """Create a new user's balances (the Clerk webhook does; first use would otherwise)."""
     for product, policy in policies.items():
         if policy is not None:
-            await session.execute(_insert_if_absent(session, user_id, product, policy.initial, now))
+            await _start_balance(session, user_id, product, policy.initial, now)

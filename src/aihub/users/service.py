@@ -11,11 +11,10 @@ import uuid
 
 import bcrypt
 from sqlalchemy import delete, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from aihub.core.db import dialect_insert, utcnow
+from aihub.core.db import insert_if_absent, utcnow
 from aihub.core.errors import Conflict, Forbidden, Unauthorized, Unprocessable
 from aihub.users.models import DeletedClerkUser, LocalCredential, User
 
@@ -132,16 +131,16 @@ async def get_or_create_clerk_user(
     if user is None:
         if await session.get(DeletedClerkUser, clerk_id) is not None:
             raise AccountDeleted()
-        await session.execute(
-            _insert_if_absent(session).values(
-                id=uuid.uuid4(),
-                clerk_id=clerk_id,
-                email=email,
-                name=name,
-                plan=plan,
-                created_at=utcnow(),
-                updated_at=utcnow(),
-            )
+        await insert_if_absent(
+            session,
+            User,
+            id=uuid.uuid4(),
+            clerk_id=clerk_id,
+            email=email,
+            name=name,
+            plan=plan,
+            created_at=utcnow(),
+            updated_at=utcnow(),
         )
         user = await _user_by_clerk_id(session, clerk_id)
         assert user is not None, "the insert or a concurrent one made the row"
@@ -155,11 +154,6 @@ async def get_or_create_clerk_user(
             setattr(user, field, value)
         await session.flush()
     return user
-
-
-def _insert_if_absent(session: AsyncSession) -> sqlite.Insert | postgresql.Insert:
-    """INSERT ... ON CONFLICT (clerk_id) DO NOTHING in the session's dialect."""
-    return dialect_insert(session, User).on_conflict_do_nothing(index_elements=[User.clerk_id])
 
 
 async def _user_by_clerk_id(session: AsyncSession, clerk_id: str) -> User | None:
@@ -197,9 +191,5 @@ async def delete_clerk_user(session: AsyncSession, *, clerk_id: str) -> uuid.UUI
     """Delete the user and, by the foreign keys' cascades, everything they own, and remember
     the Clerk id as deleted; their id, or None when there was no such user."""
     result = await session.execute(delete(User).where(User.clerk_id == clerk_id).returning(User.id))
-    await session.execute(
-        dialect_insert(session, DeletedClerkUser)
-        .values(clerk_id=clerk_id, deleted_at=utcnow())
-        .on_conflict_do_nothing()
-    )
+    await insert_if_absent(session, DeletedClerkUser, clerk_id=clerk_id, deleted_at=utcnow())
     return result.scalar_one_or_none()

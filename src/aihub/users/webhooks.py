@@ -23,7 +23,7 @@ import orjson
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from aihub.core.auth import ClerkIdentity, clerk_identity
-from aihub.core.db import dialect_insert
+from aihub.core.db import insert_if_absent
 from aihub.core.errors import BadRequest, Unauthorized
 from aihub.usage import quotas
 from aihub.usage.quotas import Product, QuotaPolicy
@@ -147,7 +147,10 @@ async def apply_clerk_event(
     """Apply one verified event, exactly once per delivery (in one transaction: the delivery
     row is written first, so a concurrent duplicate waits for it, then skips)."""
     event_type, data = event.type, event.data
-    if not await _first_delivery(session, event.delivery_id, event_type, now):
+    first = await insert_if_absent(
+        session, WebhookDelivery, id=event.delivery_id, event_type=event_type, received_at=now
+    )
+    if not first:
         return Applied("duplicate")
     if event_type in ("user.created", "user.updated"):
         profile = _profile(data)
@@ -173,18 +176,6 @@ async def apply_clerk_event(
         assert isinstance(clerk_id, str)
         return Applied("processed", await service.delete_clerk_user(session, clerk_id=clerk_id))
     return Applied("ignored")
-
-
-async def _first_delivery(
-    session: AsyncSession, delivery_id: str, event_type: str, now: datetime
-) -> bool:
-    statement = (
-        dialect_insert(session, WebhookDelivery)
-        .values(id=delivery_id, event_type=event_type[:100], received_at=now)
-        .on_conflict_do_nothing()
-        .returning(WebhookDelivery.id)
-    )
-    return (await session.execute(statement)).first() is not None
 
 
 def _profile(data: dict[str, Any]) -> ClerkIdentity:
