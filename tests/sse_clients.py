@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+
+import httpx
 
 
 @dataclass
@@ -57,22 +60,43 @@ class NamedEvent:
 
 def event_source_events(raw: str) -> list[NamedEvent]:
     """Standard EventSource parsing of JSON-data events (data lines joined with `\\n`)."""
-    events: list[NamedEvent] = []
-    name, data_lines, event_id = "message", list[str](), None
-    for line in re.split(r"\r\n|\r|\n", raw):
+    parser = EventSourceParser()
+    return [e for line in re.split(r"\r\n|\r|\n", raw) if (e := parser.feed(line)) is not None]
+
+
+async def aiter_event_source(response: httpx.Response) -> AsyncIterator[NamedEvent]:
+    """`event_source_events` as the bytes arrive: each event as soon as its blank line does."""
+    parser = EventSourceParser()
+    async for line in response.aiter_lines():
+        event = parser.feed(line)
+        if event is not None:
+            yield event
+
+
+class EventSourceParser:
+    """EventSource's line parsing: a blank line dispatches the event (if it has data); `id` is
+    the event's own (None when it sent none)."""
+
+    def __init__(self) -> None:
+        self._name = "message"
+        self._data: list[str] = []
+        self._id: str | None = None
+
+    def feed(self, line: str) -> NamedEvent | None:
         if line == "":
-            if data_lines:
-                events.append(NamedEvent(name, json.loads("\n".join(data_lines)), event_id))
-            name, data_lines, event_id = "message", [], None
-            continue
+            event = None
+            if self._data:
+                event = NamedEvent(self._name, json.loads("\n".join(self._data)), self._id)
+            self._name, self._data, self._id = "message", [], None
+            return event
         field, colon, value = line.partition(":")
         if not colon or not field:
-            continue
+            return None
         value = value.removeprefix(" ")
         if field == "data":
-            data_lines.append(value)
+            self._data.append(value)
         elif field == "event":
-            name = value
+            self._name = value
         elif field == "id":
-            event_id = value
-    return events
+            self._id = value
+        return None

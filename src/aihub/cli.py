@@ -1,4 +1,4 @@
-"""`aihub serve | migrate | users create`.
+"""`aihub serve | migrate | worker | users create`.
 
 Every command checks what it can before it starts (settings, the data folder, keys, the database)
 and reports a problem as one line on stderr with a non-zero exit, never a traceback.
@@ -7,6 +7,7 @@ and reports a problem as one line on stderr with a non-zero exit, never a traceb
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import sys
@@ -215,6 +216,64 @@ def migrate() -> None:
     configure_logging(settings.log_level, "console")
     run_migrations(settings)
     typer.echo("database is up to date")
+
+
+@app.command()
+def worker(
+    migrate: Annotated[bool, typer.Option(help="Apply migrations before starting")] = False,
+) -> None:
+    """Run image jobs without serving HTTP: extra capacity beside `aihub serve`, or the only
+    worker when the servers run with IMAGES_WORKER=false. Stops on SIGTERM or Ctrl-C, handing its
+    unfinished jobs back to the queue."""
+    from aihub.core.logging import configure_logging
+
+    settings = _settings()
+    with _reported_config_errors():
+        check_start_up(settings)
+    configure_logging(settings.log_level, settings.log_format)
+    if migrate:
+        run_migrations(settings)
+    asyncio.run(_run_worker(settings))
+
+
+async def _run_worker(settings: Settings) -> None:
+    import signal
+
+    from aihub.core.db import create_engine, create_sessionmaker
+    from aihub.core.notify import create_notifier
+    from aihub.images.worker import ImageWorker, WorkerSettings
+    from aihub.providers.routing import ProviderRegistry
+    from aihub.storage import create_storage
+
+    engine = create_engine(settings.resolved_database_url, pool_size=settings.database_pool_size)
+    notifier = create_notifier(settings.resolved_database_url)
+    providers = ProviderRegistry(settings)
+    storage = create_storage(settings)
+    chain = providers.image_chain(settings.images_model)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await notifier.start()
+    image_worker = ImageWorker(
+        sessions=create_sessionmaker(engine),
+        notifier=notifier,
+        chain=chain,
+        storage=storage,
+        options=WorkerSettings.of(settings),
+    )
+    image_worker.start()
+    logging.getLogger("aihub").info(
+        "image worker %s running %s", image_worker.id, chain.label, extra={"chain": chain.label}
+    )
+    try:
+        await stop.wait()
+    finally:
+        await image_worker.stop()
+        await notifier.aclose()
+        await storage.aclose()
+        await providers.aclose()
+        await engine.dispose()
 
 
 @users_app.command("create")

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from datetime import timedelta
 
 import anyio
 from fastapi import FastAPI
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.middleware.cors import CORSMiddleware
 
 from aihub import __version__
 from aihub.api import include_routers
+from aihub.chats.router import load_system_prompt
+from aihub.chats.service import Summaries
 from aihub.core.auth import Authenticator
 from aihub.core.clock import Clock
 from aihub.core.config import Settings
@@ -20,8 +25,13 @@ from aihub.core.db import create_engine, create_sessionmaker, utcnow
 from aihub.core.errors import install_error_handlers
 from aihub.core.metrics import metrics_endpoint
 from aihub.core.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
+from aihub.core.notify import create_notifier
 from aihub.core.ratelimit import MemoryRateLimiter, RedisRateLimiter, parse_networks
-from aihub.providers.routing import ModelChain, ProviderRegistry
+from aihub.images.worker import ImageWorker, WorkerSettings
+from aihub.providers.routing import ImageChain, ModelChain, ProviderRegistry
+from aihub.storage import create_storage
+from aihub.storage.files import remove_orphans
+from aihub.storage.signing import UrlSigner
 
 logger = logging.getLogger("aihub")
 
@@ -31,6 +41,15 @@ TAGS = [
         "name": "challenges",
         "description": "Multiple-choice coding challenges with a daily quota (seed 2).",
     },
+    {
+        "name": "images",
+        "description": "Image-generation jobs, streamed as they progress (seed 3).",
+    },
+    {
+        "name": "chats",
+        "description": "Conversations with Gemini (or any text model), with files (seed 4).",
+    },
+    {"name": "files", "description": "Uploads through signed URLs, and stored files."},
     {
         "name": "byok",
         "description": "Chat relayed to OpenAI with the caller's own key (seed 5).",
@@ -60,7 +79,16 @@ def create_app(settings: Settings, *, freeze_gc: bool = False, clock: Clock = ut
     include_routers(app)
     app.add_route("/metrics", metrics_endpoint, include_in_schema=False)
     install_error_handlers(app)  # innermost: its 500s pass through CORS
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)
+    app.add_middleware(
+        BodySizeLimitMiddleware,
+        max_bytes=settings.max_request_body_bytes,
+        larger={
+            # The browser's upload of a file's bytes, checked again by the route itself.
+            ("PUT", "/api/files/"): settings.upload_max_bytes,
+            # The chats client sends the whole conversation with every message.
+            ("POST", "/chat"): max(settings.max_request_body_bytes, 16 * 1024 * 1024),
+        },
+    )
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.cors_origins,
@@ -74,7 +102,7 @@ def create_app(settings: Settings, *, freeze_gc: bool = False, clock: Clock = ut
     return app
 
 
-def _log_products(chains: dict[str, ModelChain]) -> None:
+def _log_products(chains: Mapping[str, ModelChain | ImageChain]) -> None:
     for product, chain in chains.items():
         offline = chain.primary.provider.name == "offline"
         logger.log(
@@ -97,6 +125,22 @@ def create_app_from_environment() -> FastAPI:
     return create_app(settings, freeze_gc=True)
 
 
+async def _remove_orphan_uploads(app: FastAPI) -> None:
+    """Uploads no message used within `UPLOAD_ORPHAN_HOURS` are removed (checked hourly)."""
+    settings: Settings = app.state.settings
+    while True:
+        try:
+            older_than = app.state.clock() - timedelta(hours=settings.upload_orphan_hours)
+            removed = await remove_orphans(
+                app.state.sessions, app.state.storage, older_than=older_than
+            )
+            if removed:
+                logger.info("removed %d uploads no message used", removed)
+        except (SQLAlchemyError, OSError) as exc:
+            logger.warning("could not remove unused uploads: %s", type(exc).__name__)
+        await asyncio.sleep(3600)
+
+
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
@@ -113,9 +157,34 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.chains = {
         "ideas": providers.text_chain(settings.ideas_model),
         "challenges": providers.text_chain(settings.challenges_model),
+        "chats": providers.text_chain(settings.chat_model),
     }
-    _log_products(app.state.chains)
+    app.state.chat_system_prompt = await asyncio.to_thread(load_system_prompt, settings)
+    app.state.chat_summaries = Summaries()
+    app.state.image_chain = providers.image_chain(settings.images_model)
+    _log_products({**app.state.chains, "images": app.state.image_chain})
     app.state.authenticator = await Authenticator.create(settings)
+    app.state.storage = create_storage(settings)
+    app.state.url_signer = UrlSigner(
+        settings.storage_signing_key.get_secret_value().encode()
+        if settings.storage_signing_key
+        else app.state.authenticator.issuer.derive_key("signed-urls")
+    )
+    app.state.notifier = notifier = create_notifier(settings.resolved_database_url)
+    await notifier.start()
+    worker: ImageWorker | None = None
+    if settings.images_worker:
+        worker = ImageWorker(
+            sessions=app.state.sessions,
+            notifier=notifier,
+            chain=app.state.image_chain,
+            storage=app.state.storage,
+            options=WorkerSettings.of(settings),
+            clock=app.state.clock,
+        )
+        worker.start()
+    app.state.image_worker = worker
+    janitor = asyncio.create_task(_remove_orphan_uploads(app), name="aihub-orphan-uploads")
     app.state.trusted_proxies = parse_networks(settings.trusted_proxies)
     app.state.rate_limiter = (
         RedisRateLimiter.from_url(settings.redis_url) if settings.redis_url else MemoryRateLimiter()
@@ -126,6 +195,12 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        janitor.cancel()
+        await app.state.chat_summaries.aclose()
+        if worker is not None:
+            await worker.stop()
+        await notifier.aclose()
+        await app.state.storage.aclose()
         await app.state.rate_limiter.aclose()
         await app.state.authenticator.aclose()
         await providers.aclose()

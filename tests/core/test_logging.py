@@ -28,6 +28,11 @@ def test_credentials_are_redacted(line: str) -> None:
     assert "[REDACTED]" in redact(line)
 
 
+def test_an_image_job_id_keeps_only_its_first_characters() -> None:
+    line = "GET /api/generate/job_AbCdEfGhIjKlMnOpQrStUvWx/stream 200"
+    assert redact(line) == "GET /api/generate/job_AbCdEf[REDACTED]/stream 200"
+
+
 def test_ordinary_text_is_left_alone() -> None:
     text = "GET /api/ideas 200 in 3.2 ms; 12 tokens; skipping"
     assert redact(text) == text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -24,7 +25,7 @@ MODEL = "black-forest-labs/flux-schnell"
 CAT = ImageRequest(prompt="a cat in a hat", aspect_ratio="16:9")
 
 
-def make_provider(fake: FakeReplicate, **options: float) -> ReplicateProvider:
+def make_provider(fake: FakeReplicate, **options: Any) -> ReplicateProvider:
     return ReplicateProvider(
         api_key=TOKEN,
         base_url=fake.base_url,
@@ -65,7 +66,7 @@ async def test_request_shape(provider: ReplicateProvider, fake_replicate: FakeRe
     (created,) = fake_replicate.created
     assert created.path == f"/v1/models/{MODEL}/predictions"
     assert created.headers["authorization"] == f"Bearer {TOKEN}"
-    assert created.headers["prefer"] == "wait"
+    assert created.headers["prefer"] == "wait=1"
     assert created.json == {
         "input": {
             "prompt": "a red fox",

@@ -20,8 +20,11 @@ from sqlalchemy import select
 from svix.webhooks import Webhook
 
 from aihub.challenges.models import Challenge
+from aihub.chats.models import Chat
 from aihub.core.db import Base
 from aihub.ideas.models import Idea
+from aihub.images.models import ImageJob
+from aihub.storage.models import StoredFile
 from aihub.usage.models import IdempotencyKey, Quota, UsageRecord
 from aihub.usage.quotas import quota_policies
 from aihub.users.models import DeletedClerkUser, User, WebhookDelivery
@@ -29,6 +32,7 @@ from tests.conftest import MakeApp, Served
 from tests.factories import bearer
 from tests.fakes.clerk import FakeClerk
 from tests.fakes.openai import FakeOpenAI
+from tests.fakes.replicate import make_png
 
 
 def new_secret() -> str:
@@ -180,7 +184,7 @@ OWNED = [table for table in Base.metadata.sorted_tables if "user_id" in table.c]
 
 def test_the_owned_tables_include_every_product_s() -> None:
     names = {table.name for table in OWNED}
-    for model in (Idea, Challenge, Quota, UsageRecord, IdempotencyKey):
+    for model in (Idea, Challenge, Quota, UsageRecord, IdempotencyKey, ImageJob, Chat, StoredFile):
         assert model.__tablename__ in names
 
 
@@ -496,6 +500,39 @@ async def use_the_api(served: Served, token: str) -> str:
     )
     assert idea.status_code == 200, idea.text
     assert "event: done" in idea.text
+    job = await client.post(
+        "/api/generate/", json={"prompt": "a lighthouse", "num_images": 2}, headers=bearer(token)
+    )
+    assert job.status_code == 202, job.text
+    images = await client.get(f"/api/generate/{job.json()['job_id']}/stream")
+    assert '"succeeded":2' in images.text, images.text
+    upload = await client.post(
+        "/api/upload-url",
+        json={"filename": "cat.png", "contentType": "image/png"},
+        headers=bearer(token),
+    )
+    assert upload.status_code == 200, upload.text
+    put = await client.put(
+        upload.json()["url"], content=make_png(), headers={"Content-Type": "image/png"}
+    )
+    assert put.status_code == 200, put.text
+    reply = await client.post(
+        "/chat",
+        json={
+            "messages": [
+                {
+                    "role": "user",
+                    "parts": [
+                        {"text": "What is this?"},
+                        {"text": upload.json()["gcs_url"], "type": "image"},
+                    ],
+                }
+            ]
+        },
+        headers=bearer(token),
+    )
+    assert reply.status_code == 200, reply.text
+    assert '"done":true' in reply.text, reply.text
     user_id: str = me.json()["id"]
     return user_id
 
@@ -517,6 +554,10 @@ async def test_user_deleted_deletes_everything_they_own(
         assert all(r for t, r in rows.items() if t != "local_credential"), {
             table: len(r) for table, r in rows.items()
         }
+    images = served_hooks.settings.data_dir / "files" / "images"
+    uploads = served_hooks.settings.data_dir / "files" / "uploads"
+    assert len(list((images / str(doomed_id)).rglob("*.png"))) == 2
+    assert len(list((uploads / str(doomed_id)).rglob("*.png"))) == 1
 
     response = await deliver(served_hooks.client, sign(deleted_event(doomed_clerk_id)), PATHS[1])
 
@@ -526,6 +567,10 @@ async def test_user_deleted_deletes_everything_they_own(
     assert await owned_rows(served_hooks, doomed_id) == {t.name: [] for t in OWNED}
     assert (await the_user(served_hooks, other_clerk_id)).id == other_id
     assert await owned_rows(served_hooks, other_id) == other_before
+    assert not (images / str(doomed_id)).exists()  # their stored files went with them
+    assert not (uploads / str(doomed_id)).exists()
+    assert len(list((images / str(other_id)).rglob("*.png"))) == 2
+    assert len(list((uploads / str(other_id)).rglob("*.png"))) == 1
 
     # Their token (still valid, and cached a moment ago) no longer opens anything, and does not
     # bring the account back; neither does a late event about them.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 from urllib.parse import urlsplit
 
 from fastapi import Depends, Request
@@ -16,6 +16,7 @@ from pydantic import (
     AliasChoices,
     BeforeValidator,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     field_validator,
@@ -24,6 +25,9 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import make_url
+
+if TYPE_CHECKING:
+    from aihub.storage.gcs import ServiceAccount
 
 CommaList = Annotated[list[str], NoDecode]
 
@@ -35,6 +39,9 @@ def _unlimited_is_none(value: object) -> object:
 
 
 QuotaSetting = Annotated[Annotated[int, Field(ge=0)] | None, BeforeValidator(_unlimited_is_none)]
+
+MAX_SIGNED_URL_SECONDS = 7 * 24 * 3600
+"""The longest GCS and S3 let a signed link live."""
 
 DEFAULT_CORS_ORIGINS = ["http://localhost:3000", "http://localhost:5173", "http://localhost:5174"]
 PROVIDER_NAMES = ("openai", "gemini", "replicate", "offline")
@@ -112,6 +119,70 @@ class Settings(BaseSettings):
     challenges_temperature: float | None = Field(default=0.7, ge=0, le=2)
     challenges_fallback: bool = True
 
+    images_model: str = Field(
+        default="replicate:black-forest-labs/flux-schnell",
+        validation_alias=AliasChoices("IMAGES_MODEL", "IMAGE_GEN_MODEL"),
+    )
+    images_max_per_job: int = Field(default=8, ge=1, le=100)
+    images_max_jobs_in_flight: int = Field(default=4, ge=1, le=1000)
+    images_concurrency: int = Field(default=10, ge=1, le=1000)
+    images_timeout_seconds: float = Field(default=120.0, gt=0)
+    images_max_retries: int = Field(default=2, ge=0, le=10)
+    images_worker: bool = True
+    images_heartbeat_seconds: float = Field(default=5.0, gt=0)
+    images_stale_seconds: float = Field(default=30.0, gt=0)
+    images_poll_seconds: float = Field(default=5.0, gt=0)
+    images_stream_requires_auth: bool = False
+    images_stream_token_seconds: int = Field(default=3600, ge=10)
+
+    chat_model: str = "gemini:gemini-2.5-flash"
+    chat_system_prompt: str | None = None
+    chat_system_prompt_file: Path | None = None
+    chat_context_tokens: int = Field(default=6000, ge=500)
+    chat_summary_after_tokens: int = Field(default=3500, ge=200)
+    chat_summary_min_messages: int = Field(default=10, ge=2)
+    chat_keep_recent_messages: int = Field(default=5, ge=1)
+    chat_summary_tokens: int = Field(default=400, ge=50)
+    chat_max_message_chars: int = Field(default=20_000, ge=1)
+    chat_max_media_parts: int = Field(default=20, ge=0, le=100)
+
+    # Uploads
+    upload_max_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
+    upload_allowed_types: CommaList = Field(
+        default_factory=lambda: [
+            "image/*",
+            "audio/*",
+            "video/*",
+            "application/pdf",
+            "text/plain",
+            "text/markdown",
+            "text/csv",
+            "text/html",
+            "application/json",
+        ]
+    )
+    upload_url_ttl_seconds: int = Field(default=900, ge=10)
+    upload_orphan_hours: float = Field(default=24.0, gt=0)
+    gemini_inline_max_bytes: int = Field(default=4 * 1024 * 1024, ge=0)
+
+    # Storage: `local` unless STORAGE_BACKEND says otherwise, or GCS_BUCKET_NAME is set (the
+    # chats seed's variable), which alone chooses `gcs`.
+    storage_backend: Literal["local", "gcs", "s3"] = "local"
+    storage_signing_key: SecretStr | None = None
+    storage_url_ttl_seconds: int = Field(default=3600, ge=10)
+    gcs_bucket_name: str | None = None
+    gcs_credentials_json: SecretStr | None = None
+    google_application_credentials: Path | None = None
+    gcs_base_url: str | None = None
+    s3_bucket: str | None = None
+    s3_region: str = "us-east-1"
+    s3_endpoint_url: str | None = None
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: SecretStr | None = None
+    s3_session_token: SecretStr | None = None
+    s3_force_path_style: bool | None = None
+    _gcs_service_account: ServiceAccount | None = PrivateAttr(default=None)
+
     byok_allowed_models: CommaList = Field(
         default_factory=lambda: ["gpt-4.1-mini", "gpt-4o-mini", "gpt-3.5-turbo"]
     )
@@ -129,6 +200,13 @@ class Settings(BaseSettings):
     images_initial_quota: QuotaSetting = None
     chats_daily_quota: QuotaSetting = 200
     chats_initial_quota: QuotaSetting = None
+
+    @field_validator("upload_allowed_types", mode="before")
+    @classmethod
+    def _split_types(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip().lower() for item in value.split(",") if item.strip()]
+        return value
 
     @field_validator("byok_allowed_models", "trusted_proxies", mode="before")
     @classmethod
@@ -182,6 +260,16 @@ class Settings(BaseSettings):
         "public_base_url",
         "ideas_required_plan",
         "redis_url",
+        "gcs_bucket_name",
+        "gcs_credentials_json",
+        "google_application_credentials",
+        "gcs_base_url",
+        "s3_bucket",
+        "s3_endpoint_url",
+        "s3_access_key_id",
+        "s3_secret_access_key",
+        "s3_session_token",
+        "s3_force_path_style",
         mode="before",
     )
     @classmethod
@@ -195,6 +283,8 @@ class Settings(BaseSettings):
         "gemini_base_url",
         "replicate_base_url",
         "public_base_url",
+        "gcs_base_url",
+        "s3_endpoint_url",
     )
     @classmethod
     def _absolute_http_url(cls, value: str | None) -> str | None:
@@ -233,7 +323,7 @@ class Settings(BaseSettings):
         decode_secret(value.get_secret_value())
         return value
 
-    @field_validator("ideas_model", "challenges_model")
+    @field_validator("ideas_model", "challenges_model", "images_model", "chat_model")
     @classmethod
     def _model_chain(cls, value: str) -> str:
         parse_model_chain(value)
@@ -244,6 +334,94 @@ class Settings(BaseSettings):
         if "*" in self.cors_origins:
             raise ValueError("CORS_ORIGINS may not contain '*': aihub sends credentials")
         return self
+
+    @model_validator(mode="after")
+    def _heartbeat_within_stale(self) -> Settings:
+        if self.images_stale_seconds < 2 * self.images_heartbeat_seconds:
+            raise ValueError(
+                "IMAGES_STALE_SECONDS must be at least twice IMAGES_HEARTBEAT_SECONDS, or a live "
+                "worker's jobs would be taken from it"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _storage(self) -> Settings:
+        implicit = "storage_backend" not in self.model_fields_set
+        if implicit and self.gcs_bucket_name:
+            self.storage_backend = "gcs"
+        problems: list[str] = []
+        if self.storage_backend == "gcs":
+            problems = self._gcs_problems(chosen_by_bucket_name=implicit)
+        elif self.storage_backend == "s3":
+            problems = self._s3_problems()
+        if self.storage_backend != "local":
+            for name in ("storage_url_ttl_seconds", "upload_url_ttl_seconds"):
+                if getattr(self, name) > MAX_SIGNED_URL_SECONDS:
+                    problems.append(
+                        f"{name.upper()}: at most {MAX_SIGNED_URL_SECONDS} (7 days) with "
+                        f"STORAGE_BACKEND={self.storage_backend}: longer links cannot be signed"
+                    )
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    def _gcs_problems(self, *, chosen_by_bucket_name: bool) -> list[str]:
+        """What stops GCS from working; reads and checks the service-account key."""
+        problems = (
+            [] if self.gcs_bucket_name else ["GCS_BUCKET_NAME: required with STORAGE_BACKEND=gcs"]
+        )
+        try:
+            self._gcs_service_account = self._read_gcs_key(chosen_by_bucket_name)
+        except ValueError as exc:
+            problems.append(str(exc))
+        return problems
+
+    def _read_gcs_key(self, chosen_by_bucket_name: bool) -> ServiceAccount:
+        """The key from GCS_CREDENTIALS_JSON, else from the file GOOGLE_APPLICATION_CREDENTIALS
+        names; a `ValueError` names the variable and the problem, never the key."""
+        from aihub.storage.gcs import ServiceAccount
+
+        name, path = "GCS_CREDENTIALS_JSON", self.google_application_credentials
+        if self.gcs_credentials_json is not None:
+            text = self.gcs_credentials_json.get_secret_value()
+        elif path is not None:
+            name = "GOOGLE_APPLICATION_CREDENTIALS"
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = getattr(exc, "strerror", None) or "not a UTF-8 text file"
+                raise ValueError(f"{name}: cannot read {path}: {reason}") from None
+        else:
+            chosen = (
+                " (chosen because GCS_BUCKET_NAME is set; STORAGE_BACKEND=local keeps files on "
+                "disk)"
+                if chosen_by_bucket_name
+                else ""
+            )
+            raise ValueError(
+                "GOOGLE_APPLICATION_CREDENTIALS or GCS_CREDENTIALS_JSON: a service-account key is "
+                f"required with STORAGE_BACKEND=gcs{chosen}"
+            )
+        try:
+            return ServiceAccount.from_json(text)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+
+    def _s3_problems(self) -> list[str]:
+        required = {
+            "S3_BUCKET": self.s3_bucket,
+            "S3_REGION": self.s3_region.strip(),
+            "S3_ACCESS_KEY_ID": self.s3_access_key_id,
+            "S3_SECRET_ACCESS_KEY": self.s3_secret_access_key,
+        }
+        return [
+            f"{name}: required with STORAGE_BACKEND=s3" for name, v in required.items() if not v
+        ]
+
+    @property
+    def gcs_service_account(self) -> ServiceAccount | None:
+        """The GCS key, read and checked at start-up (None unless STORAGE_BACKEND is gcs)."""
+        return self._gcs_service_account
 
     @cached_property
     def resolved_database_url(self) -> str:

@@ -8,7 +8,7 @@ from aihub import __version__
 from aihub.core.config import Settings
 from aihub.core.db import Sessions, ping
 from aihub.core.errors import error_responses
-from aihub.providers.routing import ModelChain
+from aihub.providers.routing import ImageChain, ModelChain
 
 router = APIRouter(tags=["health"])
 
@@ -16,7 +16,10 @@ router = APIRouter(tags=["health"])
 @router.head("/api/health", include_in_schema=False)
 @router.get("/api/health", summary="Liveness, and which provider serves each product")
 async def health(request: Request) -> dict[str, Any]:
-    chains: dict[str, ModelChain] = request.app.state.chains
+    chains: dict[str, ModelChain | ImageChain] = {
+        **request.app.state.chains,
+        "images": request.app.state.image_chain,
+    }
     return {
         "status": "ok",
         "version": __version__,

@@ -22,6 +22,8 @@ _SECRET_PATTERNS = [
     re.compile(r"\bAIza[A-Za-z0-9_-]{20,}"),
     re.compile(r"\b(?:sk|pk)_(?:test|live)_[A-Za-z0-9]{8,}"),
     re.compile(r"\bwhsec_[A-Za-z0-9+/=]{8,}"),
+    # An image job's id grants access to its stream: only its first characters are kept.
+    re.compile(r"\b(job_[A-Za-z0-9_-]{6})[A-Za-z0-9_-]{18}(?![A-Za-z0-9_-])"),
     re.compile(
         r"(?i)((?:api[_-]?key|token|password|secret|signature)[\"']?\s*[:=]\s*[\"']?)[^\s\"'&,}]+"
     ),

@@ -30,6 +30,19 @@ provider_requests = Counter(
     ["provider", "outcome"],
 )
 
+_IMAGE_BUCKETS = (0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 120, 300)
+image_time_to_first_image = Histogram(
+    "aihub_image_time_to_first_image_seconds",
+    "Time from an image job's creation to its first finished image.",
+    buckets=_IMAGE_BUCKETS,
+)
+image_batch_time = Histogram(
+    "aihub_image_batch_seconds",
+    "Time from an image job's creation to its last image.",
+    buckets=_IMAGE_BUCKETS,
+)
+image_jobs = Counter("aihub_image_jobs_total", "Image jobs finished, by outcome.", ["outcome"])
+
 
 async def metrics_endpoint(request: Request) -> Response:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

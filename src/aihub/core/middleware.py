@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections.abc import Mapping
 
 import orjson
 from starlette.exceptions import HTTPException
@@ -79,15 +80,29 @@ def _incoming_request_id(scope: Scope) -> str | None:
 class BodySizeLimitMiddleware:
     """Answers 413 when a request body is larger than the limit, declared or streamed."""
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_bytes: int,
+        larger: Mapping[tuple[str, str], int] | None = None,
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.larger = dict(larger or {})
+        """(method, path prefix) -> limit, for routes that take large bodies (file uploads)."""
+
+    def _limit(self, scope: Scope) -> int:
+        for (method, prefix), limit in self.larger.items():
+            if scope["method"] == method and scope["path"].startswith(prefix):
+                return limit
+        return self.max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.max_bytes
+        limit = self._limit(scope)
         declared = _content_length(scope)
         if declared is not None and declared > limit:
             await _send_413(send, limit)

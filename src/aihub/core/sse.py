@@ -37,7 +37,7 @@ T = TypeVar("T")
 
 STREAM_HEADERS = {"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "no"}
 
-EventKind = Literal["delta", "progress", "usage", "done", "error"]
+EventKind = Literal["delta", "progress", "usage", "done", "error", "meta"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +140,8 @@ class JSONEventEncoder:
 
     media_type: str = "text/event-stream"
     event_names: Mapping[str, str] = field(default_factory=dict)
+    keepalive_event: str | None = None
+    """Send keep-alives as this named event (`data: {}`) instead of an SSE comment."""
 
     def encode(self, event: StreamEvent) -> bytes:
         data = {"text": event.data} if event.kind == "delta" else event.data
@@ -148,6 +150,8 @@ class JSONEventEncoder:
         return head.encode() + b"data: " + orjson.dumps(data) + b"\n\n"
 
     def keepalive(self) -> bytes | None:
+        if self.keepalive_event:
+            return f"event: {self.keepalive_event}\ndata: {{}}\n\n".encode()
         return b": keep-alive\n\n"
 
 

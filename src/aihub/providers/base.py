@@ -238,6 +238,10 @@ def parse_retry_after(value: str | None) -> int | None:
 class TextProvider(ABC):
     name: ClassVar[str]
 
+    def accepts(self, mime_type: str) -> bool:
+        """Whether the provider can read a file of this type in a message."""
+        return True
+
     @abstractmethod
     def stream_text(self, request: TextRequest, *, model: str) -> AsyncIterator[TextEvent]:
         """Stream the model's answer. Raises `ProviderError` (before or during the stream)."""

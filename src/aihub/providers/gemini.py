@@ -6,13 +6,22 @@ adapter therefore hands the SDK its own `httpx2.AsyncClient`, whose response hoo
 streamed response of the current call (through a context variable set only around each `anext`),
 and closes those responses itself when the consumer stops listening. With an httpx client the
 SDK's timeout is also a per-read timeout rather than a deadline for the whole stream.
+
+Files too large to send inline go through Gemini's file API (`upload_file`): the SDK opens a
+resumable upload session, sends the bytes (from memory) in 8 MB chunks, and the adapter then
+polls the file until Gemini has processed it (videos take a while) and hands back a
+`FileRefPart` to put in a message.
 """
 
 from __future__ import annotations
 
+import asyncio
+import io
 import re
 from collections.abc import AsyncIterator, Mapping
 from contextvars import ContextVar
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import aiohttp
@@ -54,8 +63,15 @@ _FINISH_REASONS = {
     "IMAGE_SAFETY": "content_filter",
     "IMAGE_PROHIBITED_CONTENT": "content_filter",
 }
+_DOCUMENT_TYPES = frozenset({"application/pdf", "application/json"})
 _SECONDS = re.compile(r"^(\d+(?:\.\d+)?)s$")
+_MISSING_FILE = re.compile(r"permission to access the File \S+ or it may not exist")
+"""Gemini's 403 for a `fileData` part naming a file it does not hold."""
 _LIMITS = httpx2.Limits(max_connections=1000, max_keepalive_connections=100)
+_DISPLAY_NAME_LIMIT = 512
+"""Characters of a file's display name Gemini keeps."""
+_POLL_MAX_INTERVAL = 4.0
+"""Seconds: the longest pause between two looks at a file Gemini is still processing."""
 _CONNECTION_ERRORS = (
     aiohttp.ClientError,
     TimeoutError,
@@ -63,6 +79,17 @@ _CONNECTION_ERRORS = (
     httpx2.TransportError,
     genai_errors.UnknownApiResponseError,
 )
+
+
+@dataclass(frozen=True, slots=True)
+class GeminiFileRef(FileRefPart):
+    """A file in Gemini's file API: the `FileRefPart` to send, with what Gemini said of it."""
+
+    name: str = ""
+    """Gemini's resource name ("files/..."), for `files.get` or `files.delete`."""
+    expires_at: datetime | None = None
+    """When Gemini deletes the file (48 hours after the upload); a message referring to it
+    after then fails."""
 
 
 class GeminiProvider(TextProvider):
@@ -75,7 +102,15 @@ class GeminiProvider(TextProvider):
         base_url: str | None = None,
         timeout: float = 60.0,
         max_retries: int = 2,
+        file_ready_timeout: float = 120.0,
+        file_poll_interval: float = 0.5,
     ) -> None:
+        """`file_ready_timeout`: seconds an uploaded file may stay PROCESSING before
+        `upload_file` gives up; `file_poll_interval`: the first pause between two looks at it
+        (doubling, up to 4 s)."""
+        self._base_url = base_url
+        self._file_ready_timeout = file_ready_timeout
+        self._file_poll_interval = file_poll_interval
         self._http = httpx2.AsyncClient(
             timeout=timeout, limits=_LIMITS, event_hooks={"response": [_track_response]}
         )
@@ -89,12 +124,83 @@ class GeminiProvider(TextProvider):
         )
         self._client = genai.Client(api_key=api_key, http_options=options)
 
+    def accepts(self, mime_type: str) -> bool:
+        family = mime_type.split("/", 1)[0]
+        return family in ("image", "audio", "video", "text") or mime_type in _DOCUMENT_TYPES
+
     def __repr__(self) -> str:
         return "GeminiProvider()"
 
     async def aclose(self) -> None:
         await self._client.aio.aclose()
         await self._http.aclose()
+
+    async def upload_file(self, data: bytes, mime_type: str, *, display_name: str) -> GeminiFileRef:
+        """Upload `data` to Gemini's file API and wait until Gemini can use it.
+
+        Raises `ProviderUnavailable` when Gemini is unreachable, or still processing the file
+        after `file_ready_timeout`; `ProviderBadRequest` when Gemini could not process it; the
+        error of its HTTP status otherwise, as `stream_text` does.
+        """
+        config = types.UploadFileConfig(
+            mime_type=mime_type,
+            display_name=display_name[:_DISPLAY_NAME_LIMIT] or None,
+            # Gemini hands out upload URLs on its own host: with a base URL (a proxy, the fake),
+            # the SDK sends the bytes to the same scheme and host as everything else.
+            http_options=types.HttpOptions(base_url=self._base_url),
+        )
+        try:
+            # Reading a BytesIO is no I/O: the SDK reads it chunk by chunk between its awaits.
+            file = await self._client.aio.files.upload(file=io.BytesIO(data), config=config)
+            file = await self._until_processed(file)
+        except genai_errors.APIError as exc:
+            raise _api_error(exc) from exc
+        except _CONNECTION_ERRORS as exc:
+            raise ProviderUnavailable(
+                f"Gemini connection failed: {type(exc).__name__}", provider=self.name
+            ) from exc
+        except (KeyError, ValueError) as exc:
+            # The SDK's own checks of the upload protocol (no upload URL, an upload that never
+            # became final) and answers it could not read.
+            raise ProviderUnavailable(
+                f"Gemini's file upload failed: {exc}", provider=self.name
+            ) from exc
+        if not file.uri:
+            raise ProviderError("Gemini returned a file without a URI", provider=self.name)
+        return GeminiFileRef(
+            uri=file.uri,
+            mime_type=mime_type,
+            name=file.name or "",
+            expires_at=file.expiration_time,
+        )
+
+    async def _until_processed(self, file: types.File) -> types.File:
+        """`file` once it is no longer PROCESSING: polled with a doubling pause, up to a
+        deadline. A FAILED file is a `ProviderBadRequest` (Gemini cannot read it)."""
+        pause = self._file_poll_interval
+        try:
+            async with asyncio.timeout(self._file_ready_timeout) as deadline:
+                while file.state == types.FileState.PROCESSING:
+                    if not file.name:
+                        raise ProviderError(
+                            "Gemini returned a file without a name", provider=self.name
+                        )
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, _POLL_MAX_INTERVAL)
+                    file = await self._client.aio.files.get(name=file.name)
+        except TimeoutError as exc:
+            if not deadline.expired():
+                raise
+            raise ProviderUnavailable(
+                f"Gemini was still processing the file after {self._file_ready_timeout:g} s",
+                provider=self.name,
+            ) from exc
+        if file.state == types.FileState.FAILED:
+            reason = file.error.message if file.error and file.error.message else "no detail"
+            raise ProviderBadRequest(
+                f"Gemini could not process the file: {reason}", provider=self.name
+            )
+        return file
 
     async def stream_text(self, request: TextRequest, *, model: str) -> AsyncIterator[TextEvent]:
         contents = [_content(message) for message in request.messages]
@@ -235,15 +341,20 @@ def _config(request: TextRequest) -> types.GenerateContentConfig:
 
 def _api_error(exc: genai_errors.APIError) -> ProviderError:
     status = exc.code if isinstance(exc.code, int) else 502
-    # Gemini answers a wrong key with 400 API_KEY_INVALID.
-    invalid_key = status == 400 and _is_invalid_key(exc.details)
+    detail = str(exc.message or exc.status or "no detail")
+    kind: type[ProviderError] | None = None
+    if status == 400 and _is_invalid_key(exc.details):
+        kind = ProviderAuthError  # Gemini answers a wrong key with 400 API_KEY_INVALID
+    elif status == 403 and _MISSING_FILE.search(detail):
+        # A message naming a file that expired (48 hours) or never was: not a key problem.
+        kind = ProviderBadRequest
     return error_for_status(
         status,
         provider=GeminiProvider.name,
         label="Gemini",
-        detail=str(exc.message or exc.status or "no detail"),
+        detail=detail,
         retry_after=_retry_after(exc),
-        kind=ProviderAuthError if invalid_key else None,
+        kind=kind,
     )
 
 

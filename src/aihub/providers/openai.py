@@ -72,6 +72,9 @@ class OpenAIProvider(TextProvider):
         copy._owns_client = False
         return copy
 
+    def accepts(self, mime_type: str) -> bool:
+        return mime_type.startswith("image/") or mime_type == "application/pdf"
+
     def __repr__(self) -> str:
         return f"OpenAIProvider(base_url={str(self._client.base_url)!r})"
 

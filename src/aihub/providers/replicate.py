@@ -1,8 +1,11 @@
 """Replicate image models through the official client (which runs on httpx).
 
-A prediction is created with `Prefer: wait`, polled if it is still running when that answer comes
+A prediction is created with `Prefer: wait=N` (Replicate holds the request up to N seconds, so a
+fast model answers in one round trip), polled if it is still running when that answer comes
 back, and its output file is fetched. Cancelling `generate_image` (a deadline, a shutdown, a
-client gone away) cancels the prediction upstream too, so nobody pays for an orphan.
+client gone away) cancels the prediction upstream too, so nobody pays for an orphan: also while
+the creating request is still held, in which case the request is let finish in the background
+(at most N seconds) to learn the prediction's id, and the prediction is cancelled then.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ class ReplicateProvider(ImageProvider):
         max_retries: int = 2,
         poll_interval: float = 0.5,
         deadline: float = 300.0,
+        hold_seconds: int = 1,
     ) -> None:
         self._client = Client(
             api_token=api_key,
@@ -65,11 +69,15 @@ class ReplicateProvider(ImageProvider):
         if isinstance(self._http._transport, RetryTransport):
             self._http._transport.max_attempts = max_retries + 1
         self._deadline = deadline
+        self._hold = hold_seconds
+        self._orphans: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
         return f"ReplicateProvider(base_url={str(self._http.base_url)!r})"
 
     async def aclose(self) -> None:
+        if self._orphans:
+            await asyncio.wait(self._orphans, timeout=self._hold + 5)
         await self._http.aclose()
 
     async def generate_image(self, request: ImageRequest, *, model: str) -> GeneratedImage:
@@ -93,7 +101,14 @@ class ReplicateProvider(ImageProvider):
             _last_retry_after.reset(token)
 
     async def _generate(self, request: ImageRequest, *, model: str) -> GeneratedImage:
-        prediction = await self._create(request, model=model)
+        creating = asyncio.ensure_future(self._create(request, model=model))
+        try:
+            prediction = await asyncio.shield(creating)
+        except asyncio.CancelledError:
+            orphan = asyncio.create_task(self._cancel_once_created(creating))
+            self._orphans.add(orphan)
+            orphan.add_done_callback(self._orphans.discard)
+            raise
         try:
             if prediction.status not in _TERMINAL:
                 await prediction.async_wait()
@@ -122,11 +137,20 @@ class ReplicateProvider(ImageProvider):
         name, _, version = model.partition(":")
         if version:
             return await self._client.predictions.async_create(
-                version=version, input=model_input, wait=True
+                version=version, input=model_input, wait=self._hold
             )
         return await self._client.models.predictions.async_create(
-            model=name, input=model_input, wait=True
+            model=name, input=model_input, wait=self._hold
         )
+
+    async def _cancel_once_created(self, creating: asyncio.Future[Prediction]) -> None:
+        try:
+            async with asyncio.timeout(self._hold + 10):
+                prediction = await creating
+        except (ReplicateError, httpx.HTTPError, TimeoutError, asyncio.CancelledError):
+            return
+        if prediction.status not in _TERMINAL:
+            await self._cancel(prediction)
 
     async def _cancel(self, prediction: Prediction) -> None:
         try:

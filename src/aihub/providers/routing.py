@@ -19,7 +19,9 @@ from aihub.core import metrics
 from aihub.core.config import Settings, parse_model_chain
 from aihub.providers.base import (
     Finish,
+    GeneratedImage,
     ImageProvider,
+    ImageRequest,
     ProviderError,
     TextDelta,
     TextEvent,
@@ -51,6 +53,17 @@ class FailedAttempt:
     model: str
     error: str
     latency_ms: int
+
+    @classmethod
+    def record(cls, provider: str, model: str, exc: ProviderError, started: float) -> FailedAttempt:
+        """Count and log a candidate's failure (`started`: its `perf_counter()` start)."""
+        metrics.provider_requests.labels(provider, "failed").inc()
+        metrics.provider_errors.labels(provider, exc.code).inc()
+        logger.warning(
+            "provider failed", extra={"provider": f"{provider}:{model}", "error": exc.code}
+        )
+        latency_ms = round((time.perf_counter() - started) * 1000)
+        return cls(provider, model, exc.code, latency_ms)
 
 
 class OpenedStream:
@@ -109,15 +122,8 @@ class ModelChain:
             try:
                 opened = await _open(candidate, request)
             except ProviderError as exc:
-                metrics.provider_requests.labels(candidate.provider.name, "failed").inc()
-                metrics.provider_errors.labels(candidate.provider.name, exc.code).inc()
-                logger.warning(
-                    "provider failed before its first output",
-                    extra={"provider": candidate.label, "error": exc.code},
-                )
-                latency_ms = round((time.perf_counter() - started) * 1000)
                 failed.append(
-                    FailedAttempt(candidate.provider.name, candidate.model, exc.code, latency_ms)
+                    FailedAttempt.record(candidate.provider.name, candidate.model, exc, started)
                 )
                 if not exc.fallback or candidate is self.candidates[-1]:
                     exc.attempts = failed
@@ -142,6 +148,62 @@ async def _open(candidate: Candidate, request: TextRequest) -> OpenedStream:
         await events.aclose()
         raise
     return OpenedStream(candidate, head, events)
+
+
+@dataclass(frozen=True, slots=True)
+class ImageCandidate:
+    provider: ImageProvider
+    model: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.provider.name}:{self.model}"
+
+
+@dataclass(frozen=True, slots=True)
+class ImageResult:
+    image: GeneratedImage
+    provider: str
+    model: str
+    latency_ms: int
+    failed: list[FailedAttempt]
+    """The candidates tried before this one."""
+
+
+@dataclass(frozen=True, slots=True)
+class ImageChain:
+    """Image models tried in order until one returns an image."""
+
+    candidates: tuple[ImageCandidate, ...]
+    configured: str
+
+    @property
+    def label(self) -> str:
+        return ",".join(c.label for c in self.candidates)
+
+    @property
+    def primary(self) -> ImageCandidate:
+        return self.candidates[0]
+
+    async def generate(self, request: ImageRequest) -> ImageResult:
+        """The first candidate's image; the last error if none gives one (its `attempts` list
+        every candidate that failed)."""
+        failed: list[FailedAttempt] = []
+        for candidate in self.candidates:
+            name = candidate.provider.name
+            started = time.perf_counter()
+            try:
+                image = await candidate.provider.generate_image(request, model=candidate.model)
+            except ProviderError as exc:
+                failed.append(FailedAttempt.record(name, candidate.model, exc, started))
+                if not exc.fallback or candidate is self.candidates[-1]:
+                    exc.attempts = failed
+                    raise
+            else:
+                metrics.provider_requests.labels(name, "opened").inc()
+                latency_ms = round((time.perf_counter() - started) * 1000)
+                return ImageResult(image, name, candidate.model, latency_ms, failed)
+        raise AssertionError("a chain has at least one candidate")
 
 
 def text_chain(product: str) -> Callable[[Request], Awaitable[ModelChain]]:
@@ -205,6 +267,14 @@ class ProviderRegistry:
             if provider in self.text
         )
         return ModelChain(candidates or (Candidate(self.offline, OFFLINE_MODEL),), spec)
+
+    def image_chain(self, spec: str) -> ImageChain:
+        candidates = tuple(
+            ImageCandidate(self.image[provider], model)
+            for provider, model in parse_model_chain(spec)
+            if provider in self.image
+        )
+        return ImageChain(candidates or (ImageCandidate(self.offline, OFFLINE_MODEL),), spec)
 
     async def aclose(self) -> None:
         providers: list[TextProvider | ImageProvider] = [*self.text.values(), self.byok]

@@ -10,6 +10,7 @@ from aihub.core.clock import Now
 from aihub.core.config import SettingsDep
 from aihub.core.db import SessionDep, Sessions
 from aihub.core.errors import ServiceUnavailable, error_responses
+from aihub.storage.base import delete_user_files
 from aihub.usage.quotas import quota_policies
 from aihub.users import service, webhooks
 from aihub.users.models import User
@@ -137,4 +138,6 @@ async def receive_clerk_webhook(
     )
     if applied.user_id is not None:
         authenticator.users.forget(applied.user_id)
+    if applied.deleted and applied.user_id is not None:
+        await delete_user_files(request.app.state.storage, applied.user_id)
     return WebhookReceipt(status=applied.status)

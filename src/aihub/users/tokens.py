@@ -80,7 +80,50 @@ class TokenIssuer:
             leeway=leeway,
             options={"require": ["exp", "iat", "sub", "iss"], "verify_aud": False},
         )
+        if "aud" in claims:  # a scoped token (see `issue_scoped`) is no bearer token
+            raise jwt.InvalidAudienceError("a scoped token cannot authenticate requests")
         return claims
+
+    def issue_scoped(
+        self, user_id: uuid.UUID, *, audience: str, ttl_seconds: int, **claims: str
+    ) -> IssuedToken:
+        """A short-lived token good for one purpose only (`audience`), such as streaming one
+        image job; `verify` refuses it as a bearer token."""
+        now = datetime.now(UTC).replace(microsecond=0)
+        expires_at = now + timedelta(seconds=ttl_seconds)
+        payload = {
+            **claims,
+            "iss": ISSUER,
+            "aud": audience,
+            "sub": str(user_id),
+            "iat": now,
+            "exp": expires_at,
+        }
+        token = jwt.encode(payload, self._private_key, ALGORITHM, headers={"kid": self.kid})
+        return IssuedToken(token=token, expires_at=expires_at)
+
+    def verify_scoped(self, token: str, *, audience: str, leeway: float) -> dict[str, Any]:
+        """The claims of a scoped token for `audience`; raises `jwt.InvalidTokenError`."""
+        claims: dict[str, Any] = jwt.decode(
+            token,
+            self._public_key,
+            algorithms=[ALGORITHM],
+            issuer=ISSUER,
+            audience=audience,
+            leeway=leeway,
+            options={"require": ["exp", "iat", "sub", "iss", "aud"]},
+        )
+        return claims
+
+    def derive_key(self, purpose: str) -> bytes:
+        """A secret for `purpose` (HMAC keys), derived from the signing key: every instance that
+        shares the signing key derives the same one."""
+        der = self._private_key.private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        return hashlib.sha256(f"aihub:{purpose}\0".encode() + der).digest()
 
     def jwks(self) -> dict[str, list[dict[str, str]]]:
         return {"keys": [dict(self._public_jwk)]}

@@ -120,6 +120,8 @@ class Applied:
     status: Literal["processed", "duplicate", "ignored"]
     user_id: uuid.UUID | None = None
     """The user the event changed or deleted (their cached copies must be forgotten)."""
+    deleted: bool = False
+    """The user was deleted (their stored files must go too)."""
 
 
 async def receive_clerk_webhook(
@@ -174,7 +176,8 @@ async def apply_clerk_event(
         if not _is_name(clerk_id, 64):
             raise InvalidWebhook("The event names no valid user id")
         assert isinstance(clerk_id, str)
-        return Applied("processed", await service.delete_clerk_user(session, clerk_id=clerk_id))
+        deleted = await service.delete_clerk_user(session, clerk_id=clerk_id)
+        return Applied("processed", deleted, deleted=deleted is not None)
     return Applied("ignored")
 
 
