@@ -8,6 +8,7 @@ of their own before the first byte and after the last.
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -28,8 +29,11 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.types import TypeDecorator
+from sqlalchemy.util.concurrency import in_greenlet
 
 from aihub.core.errors import ServiceUnavailable
+
+logger = logging.getLogger(__name__)
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -86,6 +90,7 @@ def create_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Async
             max_overflow=pool_size,
         )
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        event.listen(engine.sync_engine, "invalidate", _sqlite_rollback_before_close)
         return engine
     return create_async_engine(
         url, echo=echo, pool_pre_ping=True, pool_size=pool_size, max_overflow=pool_size * 2
@@ -99,6 +104,22 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
+
+
+def _sqlite_rollback_before_close(
+    dbapi_connection: Any, _record: ConnectionPoolEntry, _exc: BaseException | None
+) -> None:
+    """A task cancelled inside a statement (a client that left, a worker stopping) gets its
+    connection thrown away rather than rolled back. When that statement was still open (an
+    `UPDATE ... RETURNING` not read to its end), closing the connection alone leaves SQLite's
+    write lock held until the statement is freed, and every later write waits out its busy
+    timeout and fails. A rollback first aborts the statement and frees the lock."""
+    if dbapi_connection is None or not in_greenlet():
+        return  # garbage collection of a lost connection: nothing can be awaited here
+    try:
+        dbapi_connection.rollback()
+    except Exception as exc:  # already broken: closing it is all that is left
+        logger.debug("rollback before closing a connection failed: %s", type(exc).__name__)
 
 
 async def ping(sessions: async_sessionmaker[AsyncSession]) -> None:
