@@ -59,16 +59,22 @@ class OpenAIProvider(TextProvider):
             http_client=openai.DefaultAioHttpClient(),
         )
         self._api_key = api_key
+        self._auth: dict[str, str] | None = None
+        """Headers that replace the client's own credentials (a caller's own key)."""
         self._owns_client = True
 
     def with_api_key(self, api_key: str) -> OpenAIProvider:
-        """The same provider with a caller's own key, sharing this one's connection pool.
+        """The same provider with a caller's own key, sharing this one's client and pool.
 
-        Closing the copy does not close the pool; closing the original does.
+        The key travels as the request's own `Authorization` header: a copy of the SDK client
+        per request (`with_options`) cost a client's construction and a thread hop (the SDK
+        looks up the platform once per client) on every bring-your-own-key request. Closing the
+        copy does not close the pool; closing the original does.
         """
         copy = object.__new__(OpenAIProvider)
-        copy._client = self._client.with_options(api_key=api_key)
+        copy._client = self._client
         copy._api_key = api_key
+        copy._auth = {"Authorization": f"Bearer {api_key}"}
         copy._owns_client = False
         return copy
 
@@ -90,7 +96,7 @@ class OpenAIProvider(TextProvider):
             # the SDK's recursive TypedDict transform of `messages` cost ~1 ms a request, and the
             # dicts built here are already in the wire format.
             async with streaming.create(
-                model=model, messages=[], stream=True, extra_body=params
+                model=model, messages=[], stream=True, extra_body=params, extra_headers=self._auth
             ) as response:
                 reader = _ChunkReader()
                 async with aclosing(_sse_batches(_body(response.http_response))) as batches:
