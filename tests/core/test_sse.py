@@ -1,6 +1,11 @@
+import asyncio
 import random
+import time
+from collections.abc import AsyncIterator
 
 import pytest
+from starlette.responses import Response
+from starlette.types import Message
 
 from aihub.core.sse import (
     JSONEventEncoder,
@@ -8,6 +13,7 @@ from aihub.core.sse import (
     NDJSONEncoder,
     StreamEvent,
     TextEncoder,
+    stream_response,
 )
 from tests.sse_clients import event_source_events, fetch_event_source_messages, markdown_buffer
 
@@ -105,3 +111,100 @@ def test_markdown_usage_event_releases_the_held_text() -> None:
     released = encoder.encode(StreamEvent("usage", {"input_tokens": 1, "output_tokens": 1}))
     assert markdown_buffer((held + released).decode()) == "Hello"
     assert encoder.encode(StreamEvent("done", {})) == b"event: done\ndata:\n\n"
+
+
+# --- the response -------------------------------------------------------------------------------
+
+
+class _Client:
+    """The ASGI server's side of one response: what was sent, and a disconnect on demand."""
+
+    def __init__(self) -> None:
+        self.sent: list[Message] = []
+        self.times: list[float] = []
+        self._left = asyncio.Event()
+
+    async def receive(self) -> Message:
+        await self._left.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: Message) -> None:
+        self.sent.append(message)
+        self.times.append(time.monotonic())
+
+    def leave(self) -> None:
+        self._left.set()
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(m.get("body", b"") for m in self.sent if m["type"] == "http.response.body")
+
+
+async def _respond(response: Response, client: _Client) -> None:
+    await response({"type": "http", "method": "GET"}, client.receive, client.send)
+
+
+async def test_the_response_sends_each_chunk_at_once_and_ends_the_body() -> None:
+    async def events() -> AsyncIterator[StreamEvent]:
+        for text in ["Hello", " world"]:
+            yield StreamEvent.delta(text)
+            await asyncio.sleep(0.05)
+
+    client = _Client()
+    await _respond(stream_response(events(), TextEncoder(), product="test"), client)
+
+    start = client.sent[0]
+    assert start["type"] == "http.response.start"
+    assert start["status"] == 200
+    headers = dict(start["headers"])
+    assert headers[b"cache-control"] == b"no-cache, no-transform"
+    assert headers[b"x-accel-buffering"] == b"no"
+    assert headers[b"content-type"] == b"text/plain; charset=utf-8"
+    bodies = client.sent[1:]
+    assert [m.get("body") for m in bodies] == [b"Hello", b" world", b""]
+    assert [m.get("more_body") for m in bodies] == [True, True, False]
+    assert client.times[2] - client.times[1] >= 0.04  # sent as produced, not gathered
+
+
+async def test_keepalives_are_sent_only_after_a_silence() -> None:
+    async def events() -> AsyncIterator[StreamEvent]:
+        for _ in range(8):  # steady output: no keep-alive needed
+            yield StreamEvent.delta("x")
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.35)  # a silence: keep-alives fill it
+        yield StreamEvent.delta("y")
+
+    client = _Client()
+    response = stream_response(events(), JSONEventEncoder(), product="test", keepalive_seconds=0.1)
+    await _respond(response, client)
+
+    body = client.body.decode()
+    steady = body[: body.rindex('{"text":"x"}')]
+    assert ": keep-alive" not in steady
+    assert 2 <= body.count(": keep-alive\n\n") <= 4, body
+    assert body.index(": keep-alive") > body.rindex('{"text":"x"}')
+    assert body.endswith('data: {"text":"y"}\n\n')
+
+
+async def test_a_client_that_leaves_stops_the_producer_and_its_cleanup_runs() -> None:
+    cleaned_up = asyncio.Event()
+
+    async def events() -> AsyncIterator[StreamEvent]:
+        try:
+            yield StreamEvent.delta("first")
+            await asyncio.sleep(30)  # an upstream that has nothing more yet
+            yield StreamEvent.delta("never")
+        finally:
+            cleaned_up.set()
+
+    client = _Client()
+    responding = asyncio.create_task(
+        _respond(stream_response(events(), TextEncoder(), product="test"), client)
+    )
+    await asyncio.sleep(0.05)
+    client.leave()
+
+    await asyncio.wait_for(responding, timeout=2)  # ends quietly: nobody to answer
+    assert cleaned_up.is_set()
+    assert client.body == b"first"
+    assert not any(m.get("more_body") is False for m in client.sent)

@@ -20,15 +20,20 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    Awaitable,
+    Callable,
+    Mapping,
+)
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar
 
 import orjson
-from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.requests import Request
-from starlette.responses import Response
-from starlette.types import Message, Send
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from aihub.core import metrics
 from aihub.core.errors import AppError
@@ -253,42 +258,101 @@ def stream_response(
     A client that goes away cancels the producer at its current `await`: its `finally` and
     `except` blocks run (shield any database work there with `anyio.CancelScope(shield=True)`).
     """
-    keepalive = encoder.keepalive()
     body = _encoded(events, encoder, product, provider, started_at or time.perf_counter())
-    return _EventStream(
+    return EventStream(
         body,
-        headers={**STREAM_HEADERS, **(headers or {})},
         media_type=encoder.media_type,
-        ping=keepalive_seconds if keepalive is not None else 0,
-        ping_message_factory=(lambda: _Raw(keepalive)) if keepalive is not None else None,
-        sep="\n",
+        headers={**STREAM_HEADERS, **(headers or {})},
+        keepalive=encoder.keepalive(),
+        keepalive_seconds=keepalive_seconds,
     )
 
 
-class _EventStream(EventSourceResponse):
-    """sse-starlette's response without a cancel scope around every send.
+class EventStream(StreamingResponse):
+    """A stream of encoded chunks, each sent the moment it is ready.
 
-    It opens an anyio `move_on_after` scope per message even with no send timeout; at a few
-    hundred concurrent streams that was a quarter of the process's CPU (bench/stream_overhead.py).
-    A client that stops reading is still noticed: the disconnect listener cancels the stream.
+    One watcher task per stream listens for the client's disconnect (which cancels the producer
+    at its current `await`, closing the upstream request) and sends `keepalive` after
+    `keepalive_seconds` without a chunk. Nothing else runs per stream: a generic SSE response
+    (sse-starlette's) spawned four tasks per stream and wrapped every send, which at a few hundred
+    concurrent streams cost milliseconds of every stream's first token
+    (`bench/stream_overhead.py`).
     """
 
-    async def _send_with_timeout(self, send: Send, message: Message) -> None:
-        if self.send_timeout is None:
-            await send(message)
-        else:
-            await super()._send_with_timeout(send, message)
+    def __init__(
+        self,
+        body: AsyncGenerator[bytes, None],
+        *,
+        media_type: str,
+        headers: Mapping[str, str],
+        keepalive: bytes | None,
+        keepalive_seconds: float,
+    ) -> None:
+        super().__init__(body, media_type=media_type, headers=headers)
+        self._body = body
+        self._keepalive = keepalive if keepalive_seconds > 0 else None
+        self._keepalive_seconds = keepalive_seconds
+        self._last_sent = 0.0
+        self._finished = False
+        self._client_left = False
 
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        watcher = loop.create_task(self._watch(receive, send, task))
+        try:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": self.status_code,
+                    "headers": self.raw_headers,
+                }
+            )
+            async for chunk in self._body:
+                self._last_sent = loop.time()
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            self._finished = True
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if self._client_left and task.uncancel() == 0:
+                return  # nobody is left to answer
+            raise
+        except OSError:
+            return  # the client's connection broke mid-send: it has left
+        finally:
+            self._finished = True
+            watcher.cancel()
+            await self._body.aclose()
 
-class _Raw(ServerSentEvent):
-    """A keep-alive whose bytes are given as they are."""
-
-    def __init__(self, raw: bytes) -> None:
-        super().__init__()
-        self._raw = raw
-
-    def encode(self) -> bytes:
-        return self._raw
+    async def _watch(self, receive: Receive, send: Send, stream: asyncio.Task[None]) -> None:
+        loop = asyncio.get_running_loop()
+        self._last_sent = loop.time()
+        while True:
+            if self._keepalive is None:
+                message = await receive()
+            else:
+                wait = self._last_sent + self._keepalive_seconds - loop.time()
+                try:
+                    async with asyncio.timeout(max(wait, 0.001)):
+                        message = await receive()
+                except TimeoutError:
+                    if loop.time() - self._last_sent >= self._keepalive_seconds * 0.999:
+                        self._last_sent = loop.time()
+                        if not self._finished:
+                            await send(
+                                {
+                                    "type": "http.response.body",
+                                    "body": self._keepalive,
+                                    "more_body": True,
+                                }
+                            )
+                    continue
+            if message["type"] == "http.disconnect":
+                if not self._finished:
+                    self._client_left = True
+                    stream.cancel()
+                return
 
 
 async def _encoded(
@@ -297,7 +361,7 @@ async def _encoded(
     product: str,
     provider: str | None,
     started_at: float,
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     gauge = metrics.active_streams.labels(product)
     gauge.inc()
     first = True
