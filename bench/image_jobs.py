@@ -28,11 +28,8 @@ import argparse
 import asyncio
 import math
 import os
-import random
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,8 +41,8 @@ from typing import Any
 import aiohttp
 import orjson
 
-ROOT = Path(__file__).resolve().parents[1]
-PASSWORD = "bench-password-123"
+from _support import free_port, register, start, stop, wait_ready
+
 PROMPT = "A lighthouse on a cliff at dusk, oil painting"
 
 
@@ -101,27 +98,6 @@ def _describe(sample: JobSample) -> str:
     if sample.done is None:
         return f"stream ended without done ({sample.succeeded} succeeded, {sample.failed} failed)"
     return f"{sample.failed} of {sample.images} images failed"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-async def wait_ready(url: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            try:
-                async with session.get(url) as response:
-                    if response.status < 500:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-    raise RuntimeError(f"{url} did not come up")
 
 
 async def sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, Any]]:
@@ -272,27 +248,6 @@ def report_burst(arm: Arm, jobs: int, users: int, wall: float, ideal: float) -> 
     print(f"errors: {arm.failures} jobs not cleanly done, {arm.failed_images} failed images")
 
 
-def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    """A process whose stderr goes to `log` (a pipe nobody reads could fill up and stall it)."""
-    with log.open("wb") as stderr:
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
-
-
-async def log_in(base: str) -> str:
-    email = f"bench-{random.randrange(10**9)}@example.com"
-    body = {"email": email, "password": PASSWORD}
-    async with aiohttp.ClientSession() as session:
-        async with session.post(f"{base}/api/auth/register", json=body) as response:
-            if response.status >= 300:
-                raise RuntimeError(f"register failed: {await response.text()}")
-        async with session.post(f"{base}/api/auth/login", json=body) as response:
-            data = await response.json()
-            if response.status >= 300:
-                raise RuntimeError(f"login failed: {data}")
-            token: str = data["token"]
-            return token
-
-
 async def recreate_database(url: str) -> None:
     """Drop and create the database of a PostgreSQL URL (through the `postgres` database)."""
     import asyncpg  # type: ignore[import-untyped]
@@ -418,7 +373,7 @@ async def main() -> int:
         async with asyncio.timeout(args.budget):
             await wait_ready(f"{fake}/v1/predictions/none")
             await wait_ready(f"{base}/api/health", timeout=60)
-            tokens = [await log_in(base) for _ in range(args.users)]
+            tokens = [await register(base) for _ in range(args.users)]
             ok = await benchmark(args, base, tokens)
         print("\nall targets met" if ok else "\nsome targets missed")
         return 0 if ok else 1
@@ -426,19 +381,7 @@ async def main() -> int:
         print(f"\ngave up after {args.budget:g} s", file=sys.stderr)
         return 2
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        for log in (scratch / "replicate.log", scratch / "aihub.log"):
-            text = log.read_text(errors="replace")
-            # Say what the servers said when something went wrong (or a server errored).
-            if text.strip() and (not ok or '"level":"error"' in text or "Traceback" in text):
-                print(f"\n--- {log} (last 2000 characters)", file=sys.stderr)
-                sys.stderr.write(text[-2000:])
+        stop(processes, [scratch / "replicate.log", scratch / "aihub.log"], failed=not ok)
         shutil.rmtree(scratch, ignore_errors=True)
 
 

@@ -19,10 +19,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import random
-import socket
+import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +30,8 @@ from pathlib import Path
 
 import aiohttp
 
-ROOT = Path(__file__).resolve().parents[1]
+from _support import free_port, register, start, stop, wait_ready
+
 TOKENS = 100
 DELAY_MS = 20
 
@@ -57,27 +56,6 @@ ArmSpec = tuple[
 ]
 """How to open one stream of an arm, and which lines of it carry model text (None: the stream is
 plain text, and every chunk that arrives does)."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-async def wait_ready(url: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            try:
-                async with session.get(url) as response:
-                    if response.status < 500:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-    raise RuntimeError(f"{url} did not come up")
 
 
 async def read_stream(
@@ -229,24 +207,6 @@ def report(title: str, direct: Arm, aihub: Arm, targets: dict[str, float]) -> bo
     return ok
 
 
-def start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-
-
-async def register(base: str) -> str:
-    async with aiohttp.ClientSession() as session:
-        email = f"bench-{random.randrange(10**9)}@example.com"
-        body = {"email": email, "password": "bench-password-123"}
-        async with session.post(f"{base}/api/auth/register", json=body) as response:
-            data = await response.json()
-            if response.status >= 300:
-                raise RuntimeError(f"register failed: {data}")
-            token: str = data["token"]
-            return token
-
-
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--streams", type=int, default=300)
@@ -277,7 +237,8 @@ async def main() -> int:
         for k, v in os.environ.items()
         if not k.startswith(("OPENAI_", "GEMINI_", "CLERK_", "DATABASE_"))
     }
-    data_dir = tempfile.mkdtemp(prefix="aihub-bench-")
+    scratch = Path(tempfile.mkdtemp(prefix="aihub-bench-"))
+    finished = False
     processes = [
         start(
             [
@@ -292,12 +253,13 @@ async def main() -> int:
                 str(DELAY_MS),
             ],
             env,
+            scratch / "openai.log",
         ),
         start(
             [sys.executable, "-m", "aihub.cli", "serve", "--port", str(aihub_port)],
             {
                 **env,
-                "DATA_DIR": data_dir,
+                "DATA_DIR": str(scratch / "data"),
                 **({"DATABASE_URL": args.database_url} if args.database_url else {}),
                 "OPENAI_API_KEY": "sk-bench-0000000000",
                 "OPENAI_BASE_URL": f"{upstream}/v1",
@@ -311,6 +273,7 @@ async def main() -> int:
                 # Likewise the per-client rate limit of the bring-your-own-key chat.
                 "BYOK_RATE_LIMIT": "1000000/second",
             },
+            scratch / "aihub.log",
         ),
     ]
     try:
@@ -344,17 +307,12 @@ async def main() -> int:
             and ok
         )
         print("\nall targets met" if ok else "\nsome targets missed")
+        finished = True
         return 0 if ok else 1
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-            if process.returncode not in (0, -15) and process.stderr is not None:
-                sys.stderr.write(process.stderr.read().decode(errors="replace")[-2000:])
+        logs = [scratch / "openai.log", scratch / "aihub.log"]
+        stop(processes, logs, failed=not finished)
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":
