@@ -11,6 +11,12 @@ loopback ports, then measures, at the client, the time to first token and the la
 chunks of each stream, for both arms in the same run with the arms interleaved (ABBA). Prints the
 added time to first token (p50, p99), the added largest gap (p99) and the ratios to the direct
 arm, for 1 stream at a time and for N streams arriving over a few seconds and held open together.
+
+For the concurrent streams it also prints the CPU time each process spent per stream (the
+upstream, the relay, this client) and how many cores that kept busy: every process here shares
+this machine's cores, and once they are all busy every added millisecond is queueing, not aihub.
+`--floor` adds a third arm, `bench/relay_floor.py` (the least a Python relay can do: uvicorn and
+aiohttp, no framework, SDK or database), to show what the machine charges any relay.
 Loopback only; bounded in count and time.
 """
 
@@ -48,6 +54,46 @@ class Arm:
     name: str
     samples: list[Sample] = field(default_factory=list)
     failures: int = 0
+    relay: list[int] = field(default_factory=list)
+    """The processes that relay this arm's streams (none for the direct arm)."""
+    cpu: dict[str, float] = field(default_factory=dict)
+    """CPU seconds spent during this arm's bursts, by role."""
+    wall: float = 0.0
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of `pids` and all their descendants (Linux' /proc; 0 elsewhere)."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    stack = list(pids)
+    while stack:
+        pid = stack.pop()
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick
+        stack.extend(int(child) for child in children)
+    return total
+
+
+async def measured(arm: Arm, upstream: int, burst: Awaitable[None]) -> None:
+    """Run `burst`, adding the CPU time of the upstream, the relay and this client to `arm`."""
+
+    def snapshot() -> dict[str, float]:
+        return {
+            "upstream": cpu_seconds([upstream]),
+            "relay": cpu_seconds(arm.relay),
+            "client": time.process_time(),
+        }
+
+    before, started = snapshot(), time.perf_counter()
+    await burst
+    after = snapshot()
+    arm.wall += time.perf_counter() - started
+    for role, value in after.items():
+        arm.cpu[role] = arm.cpu.get(role, 0.0) + value - before[role]
 
 
 ArmSpec = tuple[
@@ -141,6 +187,15 @@ def byok_arm(base: str) -> ArmSpec:
     return request, None
 
 
+def floor_arm(base: str) -> ArmSpec:
+    """The floor relay (`bench/relay_floor.py`), read as plain text like the BYOK chat."""
+
+    def request(session: aiohttp.ClientSession) -> Awaitable[aiohttp.ClientResponse]:
+        return session.post(f"{base}/relay")
+
+    return request, None
+
+
 async def run_burst(
     arm: Arm,
     spec: ArmSpec,
@@ -172,7 +227,11 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-def report(title: str, direct: Arm, aihub: Arm, targets: dict[str, float]) -> bool:
+def report(
+    title: str, direct: Arm, aihub: Arm, targets: dict[str, float], rate: float | None = None
+) -> bool:
+    """Print one comparison; `rate`: the streams' arrival rate (per second), for CPU demand."""
+
     def ms(v: float) -> str:
         return f"{v * 1000:7.1f} ms"
 
@@ -185,8 +244,9 @@ def report(title: str, direct: Arm, aihub: Arm, targets: dict[str, float]) -> bo
         "ttft_p99": pct(a_ttft, 99) - pct(d_ttft, 99),
         "gap_p99": pct(a_gap, 99) - pct(d_gap, 99),
     }
-    print(f"\n## {title}  ({len(aihub.samples)} aihub / {len(direct.samples)} direct streams)")
-    print(f"{'':22}{'direct':>12}{'aihub':>12}{'added':>12}{'ratio':>9}")
+    counts = f"{len(aihub.samples)} {aihub.name} / {len(direct.samples)} direct streams"
+    print(f"\n## {title}  ({counts})")
+    print(f"{'':22}{'direct':>12}{aihub.name:>12}{'added':>12}{'ratio':>9}")
     for label, d, a in (
         ("TTFT p50", pct(d_ttft, 50), pct(a_ttft, 50)),
         ("TTFT p99", pct(d_ttft, 99), pct(a_ttft, 99)),
@@ -196,8 +256,22 @@ def report(title: str, direct: Arm, aihub: Arm, targets: dict[str, float]) -> bo
             f"{label:22}{ms(d):>12}{ms(a):>12}{ms(a - d):>12}{a / d if d else float('nan'):>8.2f}x"
         )
     chunks = statistics.mean(s.chunks for s in aihub.samples) if aihub.samples else 0
-    print(f"chunks per aihub stream (mean): {chunks:.1f}")
-    print(f"failures: aihub {aihub.failures}, direct {direct.failures}")
+    print(f"chunks per {aihub.name} stream (mean): {chunks:.1f}")
+    for arm in (direct, aihub):
+        if arm.cpu and arm.wall:
+            streams = len(arm.samples) + arm.failures
+            per_stream = ", ".join(
+                f"{role} {seconds / streams * 1000:.1f} ms"
+                for role, seconds in arm.cpu.items()
+                if seconds or role != "relay"
+            )
+            demand = f"{sum(arm.cpu.values()) / streams * rate:.2f}" if rate else "?"
+            print(
+                f"CPU per {arm.name} stream: {per_stream}; "
+                f"at {rate or 0:g} new streams a second that keeps {demand} of this "
+                f"machine's {os.cpu_count()} cores busy"
+            )
+    print(f"failures: {aihub.name} {aihub.failures}, direct {direct.failures}")
     ok = aihub.failures == 0 and direct.failures == 0
     for key, limit in targets.items():
         passed = added[key] <= limit
@@ -227,9 +301,14 @@ async def main() -> int:
         default="markdown",
         help="the ideas stream's format: the original client's Markdown framing, or ?format=json",
     )
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="add the concurrent streams through bench/relay_floor.py, for scale",
+    )
     args = parser.parse_args()
 
-    upstream_port, aihub_port = free_port(), free_port()
+    upstream_port, aihub_port, floor_port = free_port(), free_port(), free_port()
     upstream = f"http://127.0.0.1:{upstream_port}"
     base = f"http://127.0.0.1:{aihub_port}"
     env = {
@@ -276,9 +355,15 @@ async def main() -> int:
             scratch / "aihub.log",
         ),
     ]
+    if args.floor:
+        floor_command = [sys.executable, "bench/relay_floor.py", "--port", str(floor_port)]
+        floor_command += ["--upstream", upstream]
+        processes.append(start(floor_command, env, scratch / "floor.log"))
     try:
         await wait_ready(f"{upstream}/health")
         await wait_ready(f"{base}/api/health", timeout=60)
+        if args.floor:
+            await wait_ready(f"http://127.0.0.1:{floor_port}/health")
         token = await register(base)
         direct_spec = direct_arm(upstream)
         aihub_spec = byok_arm(base) if args.product == "byok" else aihub_arm(base, token, args.wire)
@@ -292,25 +377,39 @@ async def main() -> int:
             await run_burst(aihub, aihub_spec, streams=1, arrival=0)
         ok = report("1 stream at a time", direct, aihub, {"ttft_p50": 0.003})
 
-        direct, aihub = Arm("direct"), Arm("aihub")
+        direct, aihub = Arm("direct"), Arm("aihub", relay=[processes[1].pid])
+        order = [(direct, direct_spec), (aihub, aihub_spec)]
+        floor = Arm("floor", relay=[processes[-1].pid])
+        if args.floor:
+            order.append((floor, floor_arm(f"http://127.0.0.1:{floor_port}")))
         for round_ in range(args.rounds):
-            order = [(direct, direct_spec), (aihub, aihub_spec)]
             for arm, spec in order if round_ % 2 == 0 else reversed(order):
-                await run_burst(arm, spec, streams=args.streams, arrival=args.arrival)
+                burst = run_burst(arm, spec, streams=args.streams, arrival=args.arrival)
+                await measured(arm, processes[0].pid, burst)
         ok = (
             report(
                 f"{args.streams} streams arriving over {args.arrival:g} s",
                 direct,
                 aihub,
                 {"ttft_p50": 0.025, "ttft_p99": 0.100, "gap_p99": 0.050},
+                rate=args.streams / args.arrival,
             )
             and ok
         )
+        if args.floor:
+            report(
+                "the same, through the floor relay (no targets)",
+                direct,
+                floor,
+                {},
+                rate=args.streams / args.arrival,
+            )
         print("\nall targets met" if ok else "\nsome targets missed")
         finished = True
         return 0 if ok else 1
     finally:
         logs = [scratch / "openai.log", scratch / "aihub.log"]
+        logs += [scratch / "floor.log"] if args.floor else []
         stop(processes, logs, failed=not finished)
         shutil.rmtree(scratch, ignore_errors=True)
 
