@@ -15,7 +15,6 @@ from aihub.storage import router as storage
 from aihub.usage import router as usage
 from aihub.users import router as users
 
-
 ROUTERS = (
     health.router,
     users.router,
