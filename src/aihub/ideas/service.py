@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import anyio
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from aihub.core.db import utcnow
+from aihub.core.db import AppSessions, utcnow
 from aihub.core.errors import AppError, NotFound
 from aihub.core.pagination import page_newest_first
 from aihub.core.sse import StreamEvent
@@ -36,7 +36,7 @@ class IdeaStream:
 
 
 async def start_idea(
-    sessions: async_sessionmaker[AsyncSession],
+    sessions: AppSessions,
     *,
     chain: ModelChain,
     user: User,
@@ -48,8 +48,7 @@ async def start_idea(
     raise here, as HTTP errors, and give the unit back."""
     requested_at = utcnow()
     started = time.perf_counter()
-    async with sessions.begin() as session:
-        await quotas.reserve(session, user_id=user.id, product="ideas", policy=policy, now=now)
+    await quotas.reserve_with(sessions, user_id=user.id, product="ideas", policy=policy, now=now)
     try:
         opened = await chain.open_stream(TextRequest(messages=(Message.user(prompt),)))
     except BaseException as exc:
@@ -102,7 +101,7 @@ class _Draft:
 
 
 async def _idea_events(
-    sessions: async_sessionmaker[AsyncSession],
+    sessions: AppSessions,
     opened: OpenedStream,
     idea: Idea,
     *,
@@ -129,14 +128,23 @@ async def _idea_events(
             # The text is whole: let the client have all of it now, not after the write below
             # (which, on a busy embedded database, can take a good fraction of a second).
             yield StreamEvent("usage", draft.usage_read())
-        await _save(
-            sessions,
-            idea,
-            draft,
-            error=failure.code if failure else None,
-            started=started,
-            failed=opened.failed,
+        saving = asyncio.ensure_future(
+            _save(
+                sessions,
+                idea,
+                draft,
+                error=failure.code if failure else None,
+                started=started,
+                failed=opened.failed,
+            )
         )
+        try:
+            await asyncio.shield(saving)
+        except asyncio.CancelledError:
+            # The client left while the idea was being stored: store it all the same, once.
+            await saving
+            saved = True
+            raise
         saved = True
     except BaseException as exc:
         if not saved:
@@ -167,7 +175,7 @@ async def _idea_events(
 
 
 async def _save(
-    sessions: async_sessionmaker[AsyncSession],
+    sessions: AppSessions,
     idea: Idea,
     draft: _Draft,
     *,
@@ -185,7 +193,8 @@ async def _save(
     idea.error = error
     idea.completed_at = utcnow()
     provider_failed = error is not None and error not in ("client_disconnected", "internal_error")
-    async with sessions.begin() as session:
+
+    async def write(session: AsyncSession) -> None:
         session.add(idea)
         record_failed_attempts(session, user_id=idea.user_id, product="ideas", attempts=failed)
         record_usage(
@@ -202,6 +211,8 @@ async def _save(
         )
         if provider_failed:
             await quotas.refund(session, user_id=idea.user_id, product="ideas")
+
+    await sessions.write(write)
     if error:
         logger.info("idea stored incomplete", extra={"idea_id": str(idea.id), "error": error})
 

@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.dml import ReturningInsert
 
 from aihub.core.config import Settings
-from aihub.core.db import UTCDateTime, insert_if_absent
+from aihub.core.db import AppSessions, Job, UTCDateTime, insert_if_absent
 from aihub.core.errors import AppError
 from aihub.usage.models import Quota
 
@@ -116,6 +116,39 @@ async def reserve(
         # Clamped: a concurrent request that began a moment later may have started the period.
         raise QuotaExceeded(product, retry_after=min(max(wait, 1), int(PERIOD.total_seconds())))
     return int(remaining)
+
+
+async def reserve_with(
+    sessions: AppSessions,
+    *,
+    user_id: uuid.UUID,
+    product: Product,
+    policy: QuotaPolicy | None,
+    now: datetime,
+    units: int = 1,
+) -> None:
+    """`reserve` as a write of its own (`AppSessions.write`: batched with other writes on
+    SQLite); `QuotaExceeded` when there is not enough. If the caller stops waiting once the
+    reservation is committed, the units are given back."""
+    if policy is None:
+        return
+
+    async def take(session: AsyncSession) -> QuotaExceeded | None:
+        try:
+            await reserve(
+                session, user_id=user_id, product=product, policy=policy, now=now, units=units
+            )
+        except QuotaExceeded as exc:
+            return exc  # an answer, not a failure: nothing was written
+        return None
+
+    def give_back(exceeded: QuotaExceeded | None) -> Job[None] | None:
+        if exceeded is not None:
+            return None
+        return functools.partial(refund, user_id=user_id, product=product, units=units)
+
+    if (exceeded := await sessions.write(take, undo=give_back)) is not None:
+        raise exceeded
 
 
 @functools.cache
