@@ -306,6 +306,11 @@ async def main() -> int:
         action="store_true",
         help="add the concurrent streams through bench/relay_floor.py, for scale",
     )
+    parser.add_argument(
+        "--floor-sdk",
+        action="store_true",
+        help="the floor relay opens the upstream through the openai SDK, as aihub does",
+    )
     args = parser.parse_args()
 
     upstream_port, aihub_port, floor_port = free_port(), free_port(), free_port()
@@ -357,7 +362,7 @@ async def main() -> int:
     ]
     if args.floor:
         floor_command = [sys.executable, "bench/relay_floor.py", "--port", str(floor_port)]
-        floor_command += ["--upstream", upstream]
+        floor_command += ["--upstream", upstream] + (["--sdk"] if args.floor_sdk else [])
         processes.append(start(floor_command, env, scratch / "floor.log"))
     try:
         await wait_ready(f"{upstream}/health")
