@@ -15,6 +15,7 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import func, select
 
+from aihub.core import auth as auth_module
 from aihub.core.auth import (
     Authenticator,
     ClerkIdentity,
@@ -61,6 +62,48 @@ async def test_session_token_is_accepted(tmp_path: Path, fake_clerk: FakeClerk) 
     async with authenticator(tmp_path, fake_clerk) as auth:
         identity = await auth.verify(fake_clerk.issue_token("user_1", pla="u:premium_subscription"))
     assert identity == ClerkIdentity(clerk_id="user_1", plan="premium_subscription")
+
+
+async def test_a_verified_token_is_not_verified_again_until_it_expires(
+    tmp_path: Path, fake_clerk: FakeClerk, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parsed: list[str] = []
+    real = auth_module._unverified_parts
+
+    def counting(token: str) -> Any:
+        parsed.append(token)
+        return real(token)
+
+    monkeypatch.setattr(auth_module, "_unverified_parts", counting)
+    token = fake_clerk.issue_token("user_1", lifetime=2)
+    async with authenticator(tmp_path, fake_clerk, jwt_leeway_seconds=0) as auth:
+        for _ in range(3):
+            identity = await auth.verify(token)
+            assert isinstance(identity, ClerkIdentity) and identity.clerk_id == "user_1"
+        assert len(parsed) == 1
+        for _ in range(2):  # failures are never remembered
+            await rejected(auth, token + "x")
+        assert len(parsed) == 3
+        await asyncio.sleep(2.5)  # past `exp`: verified again, and refused
+        assert await rejected(auth, token) == "Token expired"
+
+
+async def test_a_verification_is_reused_for_a_bounded_time(
+    tmp_path: Path, fake_clerk: FakeClerk, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key that leaves Clerk's JWKS must stop verifying tokens soon, whatever their `exp`."""
+    monkeypatch.setattr(auth_module, "VERIFIED_FOR", 0.2)
+    token = fake_clerk.issue_token("user_1", lifetime=3600)
+    async with authenticator(tmp_path, fake_clerk) as auth:
+        await auth.verify(token)
+        monkeypatch.setattr(auth, "_verify", _refuse)
+        await auth.verify(token)  # still remembered
+        await asyncio.sleep(0.3)
+        assert await rejected(auth, token) == "Unknown signing key"
+
+
+async def _refuse(token: str) -> Any:
+    raise Unauthorized("Unknown signing key")
 
 
 async def test_template_token_without_session_claims_is_accepted(

@@ -175,6 +175,8 @@ class Authenticator:
         self._clerk_static_key = clerk_static_key
         self._http_client = http_client
         self.users = UserCache(settings.auth_user_cache_seconds)
+        self._verified: OrderedDict[str, tuple[float, Identity]] = OrderedDict()
+        """Tokens verified lately, until when their verification stands, and what they say."""
 
     @classmethod
     async def create(cls, settings: Settings) -> Authenticator:
@@ -211,6 +213,25 @@ class Authenticator:
             await self._http_client.aclose()
 
     async def verify(self, token: str) -> Identity:
+        """The token's identity. A token verified in the last `VERIFIED_FOR` seconds, and not
+        expired since, is not verified again: a client sends the same token with every call,
+        and parsing and checking an RS256 token twice cost ~0.3 ms of each. Only successes are
+        remembered; a signing key that disappears stops working within `VERIFIED_FOR`."""
+        now = time.time()
+        remembered = self._verified.get(token)
+        if remembered is not None:
+            if now < remembered[0]:
+                return remembered[1]
+            del self._verified[token]
+        identity, expires = await self._verify(token)
+        if expires is not None:
+            self._verified[token] = (min(expires, now + VERIFIED_FOR), identity)
+            while len(self._verified) > VERIFIED_MAX_TOKENS:
+                self._verified.popitem(last=False)
+        return identity
+
+    async def _verify(self, token: str) -> tuple[Identity, float | None]:
+        """The token's identity, and its expiry (epoch seconds) if it has a usable one."""
         header, unverified = _unverified_parts(token)
         if header.get("alg") != ALGORITHM:
             raise Unauthorized("Unsupported token algorithm")
@@ -221,14 +242,16 @@ class Authenticator:
             return self._verify_local(token)
         return await self._verify_clerk(token, kid)
 
-    def _verify_local(self, token: str) -> LocalIdentity:
+    def _verify_local(self, token: str) -> tuple[LocalIdentity, float | None]:
         claims = _decode(lambda: self.issuer.verify(token, leeway=self._leeway))
         try:
-            return LocalIdentity(user_id=uuid.UUID(str(claims["sub"])))
+            return LocalIdentity(user_id=uuid.UUID(str(claims["sub"]))), _expiry(claims)
         except ValueError:
             raise Unauthorized("Invalid token") from None
 
-    async def _verify_clerk(self, token: str, kid: str | None) -> ClerkIdentity:
+    async def _verify_clerk(
+        self, token: str, kid: str | None
+    ) -> tuple[ClerkIdentity, float | None]:
         key = await self._clerk_key(kid)
         claims: dict[str, Any] = _decode(
             lambda: jwt.decode(
@@ -241,7 +264,7 @@ class Authenticator:
             )
         )
         self._check_authorized_party(claims)
-        return clerk_identity(claims)
+        return clerk_identity(claims), _expiry(claims)
 
     async def _clerk_key(self, kid: str | None) -> Any:
         cached = self._clerk_jwks.cached(kid) if self._clerk_jwks and kid else None
@@ -268,6 +291,16 @@ class Authenticator:
     @property
     def _leeway(self) -> float:
         return float(self.settings.jwt_leeway_seconds)
+
+
+VERIFIED_FOR = 60.0
+"""Seconds a token's verification is reused at most (never past the token's `exp`)."""
+VERIFIED_MAX_TOKENS = 10_000
+
+
+def _expiry(claims: dict[str, Any]) -> float | None:
+    exp = claims.get("exp")
+    return float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None
 
 
 def _unverified_parts(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
