@@ -24,6 +24,7 @@ from aihub.challenges.generation import (
     user_prompt,
 )
 from aihub.challenges.models import Challenge
+from aihub.core.db import AppSessions
 from aihub.core.errors import NotFound
 from aihub.core.pagination import page_newest_first
 from aihub.providers.base import Message, ProviderError, TextDelta, TextRequest, Usage
@@ -65,7 +66,7 @@ OnSaved = Callable[[AsyncSession, Challenge], Awaitable[None]]
 
 
 async def generate_challenge(
-    sessions: async_sessionmaker[AsyncSession],
+    sessions: AppSessions,
     *,
     chain: ModelChain,
     user_id: uuid.UUID,
@@ -75,10 +76,9 @@ async def generate_challenge(
     on_saved: OnSaved | None = None,
 ) -> Challenge:
     """A new, checked challenge; `on_saved` runs in the transaction that stores it."""
-    async with sessions.begin() as session:
-        await quotas.reserve(
-            session, user_id=user_id, product="challenges", policy=options.policy, now=now
-        )
+    await quotas.reserve_with(
+        sessions, user_id=user_id, product="challenges", policy=options.policy, now=now
+    )
     calls: list[_Call] = []
     try:
         answer = await _answer(chain, difficulty, options.temperature, calls)
