@@ -79,7 +79,8 @@ async def test_a_verified_token_is_not_verified_again_until_it_expires(
     async with authenticator(tmp_path, fake_clerk, jwt_leeway_seconds=0) as auth:
         for _ in range(3):
             identity = await auth.verify(token)
-            assert isinstance(identity, ClerkIdentity) and identity.clerk_id == "user_1"
+            assert isinstance(identity, ClerkIdentity)
+            assert identity.clerk_id == "user_1"
         assert len(parsed) == 1
         for _ in range(2):  # failures are never remembered
             await rejected(auth, token + "x")
