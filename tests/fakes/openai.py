@@ -209,6 +209,8 @@ class FakeOpenAI:
         self.stats = StreamStats()
         self.answers: list[str] = []
         """Texts for the next requests, one each, in order; then `text` again."""
+        self.set_cookie: str | None = None
+        """A `Set-Cookie` for every streamed answer (as Cloudflare in front of OpenAI sends)."""
 
     @property
     def text(self) -> str:
@@ -270,7 +272,10 @@ class FakeOpenAI:
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         chunks = self._chunks(model, tokens, include_usage=include_usage)
         drop = self.fail_after is not None and self.fail_mode == "drop"
-        return TrackedStream(chunks, stats=self.stats, drop=drop)
+        stream = TrackedStream(chunks, stats=self.stats, drop=drop)
+        if self.set_cookie is not None:
+            stream.raw_headers.append((b"set-cookie", self.set_cookie.encode()))
+        return stream
 
     def _usage(self, streamed: int) -> dict[str, int]:
         completion = streamed if self.completion_tokens is None else self.completion_tokens

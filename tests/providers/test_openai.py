@@ -269,6 +269,22 @@ async def test_byok_copy_uses_its_own_key_and_the_shared_pool(
     assert fake_openai.requests[1].headers["authorization"] == f"Bearer {API_KEY}"
 
 
+async def test_the_shared_client_keeps_no_cookies(fake_openai: FakeOpenAI) -> None:
+    """One client serves every caller (and every caller's own key): a cookie that one upstream
+    answer sets must not ride along on anybody's next request. (By a host name, not an IP
+    address: cookie jars keep no cookies for IP addresses.)"""
+    base_url = fake_openai.base_url.replace("127.0.0.1", "localhost")
+    provider = OpenAIProvider(api_key=API_KEY, base_url=base_url, max_retries=0)
+    fake_openai.set_cookie = "__cf_bm=first-callers-session; Path=/; HttpOnly"
+    try:
+        await collect(provider.with_api_key("sk-first-caller-0123456789"))
+        await collect(provider.with_api_key("sk-second-caller-0123456789"))
+        await collect(provider)
+    finally:
+        await provider.aclose()
+    assert [r.headers.get("cookie") for r in fake_openai.requests] == [None, None, None]
+
+
 async def test_connection_refused_is_unavailable() -> None:
     provider = OpenAIProvider(api_key=API_KEY, base_url="http://127.0.0.1:9/v1", max_retries=0)
     try:

@@ -8,6 +8,7 @@ what keeps time to first token low (see `bench/openai_stream_paths.py`).
 from __future__ import annotations
 
 import base64
+import http.cookiejar
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import aclosing
@@ -17,6 +18,7 @@ import aiohttp
 import httpx2
 import openai
 import orjson
+from openai._vendor.httpx_aiohttp import AiohttpTransport  # what DefaultAioHttpClient runs on
 
 from aihub.providers.base import (
     FileRefPart,
@@ -35,6 +37,39 @@ from aihub.providers.base import (
     error_for_status,
     parse_retry_after,
 )
+
+
+def _http_client() -> httpx2.AsyncClient:
+    """The SDK's aiohttp-backed client, keeping no cookies at either layer.
+
+    One client serves every caller, and with bring-your-own-key every caller's key: a cookie that
+    one upstream answer sets (a load balancer's, a proxy's session) must not ride along on anybody
+    else's request. The SDK's default client keeps them (aiohttp's jar stores them, httpx2's too),
+    so the aiohttp session is built here, with the connection limits the SDK's default uses.
+    """
+    limits = httpx2.Limits(max_connections=1000, max_keepalive_connections=100)
+    ssl_context = httpx2.create_ssl_context()  # now, at start-up: it reads the CA bundle
+
+    def session() -> aiohttp.ClientSession:  # built on first use, inside the event loop
+        connector = aiohttp.TCPConnector(
+            limit=limits.max_connections or 0,
+            keepalive_timeout=limits.keepalive_expiry,
+            ssl=ssl_context,
+        )
+        return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
+
+    return openai.DefaultAioHttpClient(
+        limits=limits,
+        verify=ssl_context,
+        cookies=_NoCookies(),
+        transport=AiohttpTransport(verify=ssl_context, limits=limits, client=session),
+    )
+
+
+class _NoCookies(http.cookiejar.CookieJar):
+    def __init__(self) -> None:
+        super().__init__(policy=http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
+
 
 _FINISH_REASONS = {"stop": "stop", "length": "length", "content_filter": "content_filter"}
 _KEY_LIKE = re.compile(r"\b(sk|pk|rk)-[A-Za-z0-9_\-*]{6,}")
@@ -56,7 +91,7 @@ class OpenAIProvider(TextProvider):
             base_url=base_url,
             timeout=timeout,
             max_retries=max_retries,
-            http_client=openai.DefaultAioHttpClient(),
+            http_client=_http_client(),
         )
         self._api_key = api_key
         self._auth: dict[str, str] | None = None
