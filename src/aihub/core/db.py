@@ -12,7 +12,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Generic, TypeVar
 
@@ -167,7 +167,6 @@ class _Write(Generic[T]):
     job: Job[T]
     future: asyncio.Future[T]
     undo: Callable[[T], Job[Any] | None] | None = None
-    result: T | None = field(default=None, init=False)
 
 
 class _SQLiteSessions(AppSessions):
@@ -191,7 +190,6 @@ class _SQLiteSessions(AppSessions):
         super().__init__(*args, **kwargs)
         self._writer = asyncio.Lock()
         self._queued: list[_Write[Any]] = []
-        self._running: list[_Write[Any]] = []
         self._committer: asyncio.Task[None] | None = None
 
     @asynccontextmanager
@@ -214,30 +212,30 @@ class _SQLiteSessions(AppSessions):
             )
 
     async def _commit_queued(self) -> None:
+        batch: list[_Write[Any]] = []
         try:
             while self._queued:
-                batch, self._queued = self._queued, []
-                self._running = [write for write in batch if not write.future.cancelled()]
-                if self._running:
-                    await self._commit(self._running)
+                batch = [write for write in self._queued if not write.future.cancelled()]
+                self._queued = []
+                if batch:
+                    await self._commit(batch)
         finally:
             # Stopped (the app is shutting down): nobody will run what is left.
-            for write in (*self._running, *self._queued):
+            for write in (*batch, *self._queued):
                 if not write.future.done():
                     write.future.cancel()
-            self._running, self._queued = [], []
+            self._queued = []
 
     async def _commit(self, batch: list[_Write[Any]]) -> None:
         if len(batch) > 1:
             try:
                 async with self.begin() as session:
-                    for write in batch:
-                        write.result = await write.job(session)
+                    results = [await write.job(session) for write in batch]
             except Exception:  # one of them failed: each on its own, so only that one fails
                 logger.debug("a batch of %d writes failed; retrying them one by one", len(batch))
             else:
-                for write in batch:
-                    self._settle(write, write.result)
+                for write, result in zip(batch, results, strict=True):
+                    self._settle(write, result)
                 return
         for write in batch:
             if write.future.cancelled():
@@ -246,7 +244,7 @@ class _SQLiteSessions(AppSessions):
                 async with self.begin() as session:
                     result = await write.job(session)
             except Exception as exc:
-                if not write.future.done():
+                if not write.future.cancelled():  # its caller may have left meanwhile
                     write.future.set_exception(exc)
             else:
                 self._settle(write, result)
