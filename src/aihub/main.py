@@ -150,7 +150,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool_size=settings.database_pool_size,
         echo=settings.database_echo,
     )
-    providers = ProviderRegistry(settings)
+    # Off the loop: building the SDK clients reads CA bundles from disk.
+    providers = await asyncio.to_thread(ProviderRegistry, settings)
     app.state.engine = engine
     app.state.sessions = create_sessionmaker(engine)
     app.state.providers = providers
