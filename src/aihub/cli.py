@@ -247,7 +247,7 @@ async def _run_worker(settings: Settings) -> None:
 
     engine = create_engine(settings.resolved_database_url, pool_size=settings.database_pool_size)
     notifier = create_notifier(settings.resolved_database_url)
-    providers = ProviderRegistry(settings)
+    providers = await asyncio.to_thread(ProviderRegistry, settings)  # reads CA bundles
     storage = create_storage(settings)
     chain = providers.image_chain(settings.images_model)
     stop = asyncio.Event()
