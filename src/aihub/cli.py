@@ -255,8 +255,9 @@ async def _run_worker(settings: Settings) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     await notifier.start()
+    sessions = create_sessionmaker(engine)
     image_worker = ImageWorker(
-        sessions=create_sessionmaker(engine),
+        sessions=sessions,
         notifier=notifier,
         chain=chain,
         storage=storage,
@@ -273,6 +274,7 @@ async def _run_worker(settings: Settings) -> None:
         await notifier.aclose()
         await storage.aclose()
         await providers.aclose()
+        await sessions.aclose()
         await engine.dispose()
 
 
@@ -301,11 +303,13 @@ async def _create_user(settings: Settings, email: str, password: str) -> str:
     from aihub.users.service import create_local_user
 
     engine = create_engine(settings.resolved_database_url)
+    sessions = create_sessionmaker(engine)
     try:
-        async with create_sessionmaker(engine).begin() as session:
+        async with sessions.begin() as session:
             user = await create_local_user(session, email=email, password=password)
             return str(user.id)
     finally:
+        await sessions.aclose()
         await engine.dispose()
 
 

@@ -205,4 +205,5 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await app.state.rate_limiter.aclose()
         await app.state.authenticator.aclose()
         await providers.aclose()
+        await app.state.sessions.aclose()
         await engine.dispose()

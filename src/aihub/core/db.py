@@ -8,14 +8,17 @@ of their own before the first byte and after the last.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Generic, TypeVar
 
+import sqlalchemy
 from fastapi import Depends, Request
 from sqlalchemy import DateTime, MetaData, event, inspect, text
 from sqlalchemy.dialects import postgresql, sqlite
@@ -27,8 +30,9 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.sql.dml import ReturningInsert
 from sqlalchemy.types import TypeDecorator
 from sqlalchemy.util.concurrency import in_greenlet
 
@@ -38,8 +42,8 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-Job = Callable[[AsyncSession], Awaitable[T]]
-"""Database work on a session, inside a transaction the caller does not manage."""
+Job = Callable[[Session], T]
+"""Synchronous database work on a session, inside a transaction the caller does not manage."""
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -143,7 +147,7 @@ class DatabaseUnavailable(ServiceUnavailable):
 
 def create_sessionmaker(engine: AsyncEngine | Engine) -> AppSessions:
     assert isinstance(engine, AsyncEngine)
-    if engine.dialect.name == "sqlite":
+    if engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:"):
         return _SQLiteSessions(engine, expire_on_commit=False)
     return AppSessions(engine, expire_on_commit=False)
 
@@ -155,11 +159,16 @@ class AppSessions(async_sessionmaker[AsyncSession]):
     async def write(self, job: Job[T], *, undo: Callable[[T], Job[Any] | None] | None = None) -> T:
         """Run `job` in a transaction and commit it; its result, or its exception.
 
-        `undo`, given the job's result, names the write that reverses it: where writes are
-        batched (SQLite), it is written in the job's place if the caller stops waiting after the
-        job was committed. Here a cancelled caller rolls its own transaction back."""
+        A job is synchronous database work on a `Session` (no other I/O): here it runs through
+        the async session's `run_sync`; on SQLite, batched on a writer thread. `undo`, given the
+        job's result, names the write that reverses it: where writes are batched, it is written
+        in the job's place if the caller stops waiting after the job was committed. Here a
+        cancelled caller rolls its own transaction back."""
         async with self.begin() as session:
-            return await job(session)
+            return await session.run_sync(job)
+
+    async def aclose(self) -> None:
+        """Release what the sessions hold beside the engine (call before `engine.dispose()`)."""
 
 
 @dataclass(eq=False)
@@ -169,28 +178,40 @@ class _Write(Generic[T]):
     undo: Callable[[T], Job[Any] | None] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    result: Any = None
+    error: Exception | None = None
+
+
 class _SQLiteSessions(AppSessions):
     """SQLite has one writer at a time, so writes here take turns, and those that queue up are
-    committed together.
+    committed together, on a thread of their own.
 
     `begin()` transactions take turns on an asyncio lock in this process: a writer that finds
     SQLite's lock taken sleeps in its busy handler (1, 2, 5, ... 100 ms) before it looks again,
     and under a burst most of a write's time went to those sleeps.
 
     `write(job)` goes further (group commit): the jobs that arrive while a transaction holds the
-    lock are run together in the next one. A transaction costs several trips to aiosqlite's
-    thread and back, each waiting for a turn of the event loop, which under load is busy with
-    hundreds of streams' chunks: one transaction per write made every stream's quota
-    reservation queue behind every other stream's writes (seconds of time to first token at
-    300 streams). If a batch fails, its jobs are retried one transaction each, so a failing
-    job fails alone.
+    lock run together in the next one, in one call to a writer thread with a plain `sqlite3`
+    connection. Through aiosqlite every statement is a trip to its thread and back (several per
+    transaction), each costing a thread wake-up and a turn of an event loop that, under load, is
+    busy with hundreds of streams' chunks: one transaction per write made every stream's quota
+    reservation queue behind every other stream's writes (seconds of time to first token at 300
+    streams), and the trips cost more CPU than the writes. If a batch fails, its jobs are retried
+    one transaction each, so a failing job fails alone.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, engine: AsyncEngine, **kwargs: Any) -> None:
+        super().__init__(engine, **kwargs)
         self._writer = asyncio.Lock()
         self._queued: list[_Write[Any]] = []
         self._committer: asyncio.Task[None] | None = None
+        self._thread: ThreadPoolExecutor | None = None
+        self._url = engine.url.set(drivername="sqlite")
+        self._echo = engine.echo
+        self._sync_engine: sqlalchemy.Engine | None = None
+        self._sync: sessionmaker[Session] | None = None
 
     @asynccontextmanager
     async def begin(self) -> AsyncIterator[AsyncSession]:  # type: ignore[override]
@@ -203,6 +224,16 @@ class _SQLiteSessions(AppSessions):
         self._enqueue(write)
         # Cancelled while queued, the job is dropped; cancelled once it ran, `undo` runs.
         return await write.future
+
+    async def aclose(self) -> None:
+        if self._committer is not None:
+            self._committer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._committer
+        if self._thread is not None:
+            thread, self._thread = self._thread, None
+            await asyncio.get_running_loop().run_in_executor(thread, self._dispose)
+            thread.shutdown(wait=False)
 
     def _enqueue(self, write: _Write[Any]) -> None:
         self._queued.append(write)
@@ -218,7 +249,15 @@ class _SQLiteSessions(AppSessions):
                 batch = [write for write in self._queued if not write.future.cancelled()]
                 self._queued = []
                 if batch:
-                    await self._commit(batch)
+                    if self._thread is None:
+                        self._thread = ThreadPoolExecutor(1, "aihub-sqlite-writer")
+                    jobs = [write.job for write in batch]
+                    async with self._writer:
+                        loop = asyncio.get_running_loop()
+                        outcomes = await loop.run_in_executor(self._thread, self._run, jobs)
+                    for write, outcome in zip(batch, outcomes, strict=True):
+                        self._settle(write, outcome)
+                    batch = []
         finally:
             # Stopped (the app is shutting down): nobody will run what is left.
             for write in (*batch, *self._queued):
@@ -226,34 +265,42 @@ class _SQLiteSessions(AppSessions):
                     write.future.cancel()
             self._queued = []
 
-    async def _commit(self, batch: list[_Write[Any]]) -> None:
-        if len(batch) > 1:
+    def _run(self, jobs: list[Job[Any]]) -> list[_Outcome]:
+        """On the writer thread: the jobs in one transaction, or each in its own if that fails."""
+        if self._sync is None:
+            self._sync_engine = sqlalchemy.create_engine(
+                self._url, echo=self._echo, connect_args={"timeout": 30}, pool_size=1
+            )
+            event.listen(self._sync_engine, "connect", _sqlite_pragmas)
+            self._sync = sessionmaker(self._sync_engine, expire_on_commit=False)
+        if len(jobs) > 1:
             try:
-                async with self.begin() as session:
-                    results = [await write.job(session) for write in batch]
-            except Exception:  # one of them failed: each on its own, so only that one fails
-                logger.debug("a batch of %d writes failed; retrying them one by one", len(batch))
-            else:
-                for write, result in zip(batch, results, strict=True):
-                    self._settle(write, result)
-                return
-        for write in batch:
-            if write.future.cancelled():
-                continue
+                with self._sync.begin() as session:
+                    return [_Outcome(job(session)) for job in jobs]
+            except Exception:
+                logger.debug("a batch of %d writes failed; retrying them one by one", len(jobs))
+        outcomes = []
+        for job in jobs:
             try:
-                async with self.begin() as session:
-                    result = await write.job(session)
+                with self._sync.begin() as session:
+                    outcomes.append(_Outcome(job(session)))
             except Exception as exc:
-                if not write.future.cancelled():  # its caller may have left meanwhile
-                    write.future.set_exception(exc)
-            else:
-                self._settle(write, result)
+                outcomes.append(_Outcome(error=exc))
+        return outcomes
 
-    def _settle(self, write: _Write[Any], result: Any) -> None:
+    def _dispose(self) -> None:
+        if self._sync_engine is not None:
+            self._sync_engine.dispose()
+            self._sync_engine = self._sync = None
+
+    def _settle(self, write: _Write[Any], outcome: _Outcome) -> None:
         if not write.future.cancelled():
-            write.future.set_result(result)
+            if outcome.error is not None:
+                write.future.set_exception(outcome.error)
+            else:
+                write.future.set_result(outcome.result)
             return
-        undo = write.undo(result) if write.undo is not None else None
+        undo = write.undo(outcome.result) if write.undo and outcome.error is None else None
         if undo is not None:  # its caller left after it was committed: reverse it
             reversal: _Write[Any] = _Write(undo, asyncio.get_running_loop().create_future())
             reversal.future.add_done_callback(_log_failure)
@@ -287,20 +334,29 @@ async def get_session(sessions: Sessions) -> AsyncIterator[AsyncSession]:
 SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
 
 
-def dialect_insert(session: AsyncSession, table: Any) -> postgresql.Insert | sqlite.Insert:
+def dialect_insert(
+    session: AsyncSession | Session, table: Any
+) -> postgresql.Insert | sqlite.Insert:
     """An INSERT with `ON CONFLICT` support in the session's dialect (SQLite or PostgreSQL)."""
     if session.get_bind().dialect.name == "postgresql":
         return postgresql.insert(table)
     return sqlite.insert(table)
 
 
-async def insert_if_absent(session: AsyncSession, model: type[Base], **values: Any) -> bool:
-    """`INSERT ... ON CONFLICT DO NOTHING`, one atomic statement: whether this call inserted the
-    row (False: it, or a row clashing with a unique key, was already there)."""
-    statement = (
+def insert_if_absent_statement(
+    session: AsyncSession | Session, model: type[Base], **values: Any
+) -> ReturningInsert[Any]:
+    """`INSERT ... ON CONFLICT DO NOTHING RETURNING` the primary key, in the session's dialect."""
+    return (
         dialect_insert(session, model)
         .values(**values)
         .on_conflict_do_nothing()
         .returning(*inspect(model).primary_key)
     )
+
+
+async def insert_if_absent(session: AsyncSession, model: type[Base], **values: Any) -> bool:
+    """`INSERT ... ON CONFLICT DO NOTHING`, one atomic statement: whether this call inserted the
+    row (False: it, or a row clashing with a unique key, was already there)."""
+    statement = insert_if_absent_statement(session, model, **values)
     return (await session.execute(statement)).first() is not None

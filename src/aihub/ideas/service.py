@@ -12,6 +12,7 @@ from datetime import datetime
 
 import anyio
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from aihub.core.db import AppSessions, utcnow
 from aihub.core.errors import AppError, NotFound
@@ -194,7 +195,7 @@ async def _save(
     idea.completed_at = utcnow()
     provider_failed = error is not None and error not in ("client_disconnected", "internal_error")
 
-    async def write(session: AsyncSession) -> None:
+    def write(session: Session) -> None:
         session.add(idea)
         record_failed_attempts(session, user_id=idea.user_id, product="ideas", attempts=failed)
         record_usage(
@@ -210,7 +211,7 @@ async def _save(
             error=error,
         )
         if provider_failed:
-            await quotas.refund(session, user_id=idea.user_id, product="ideas")
+            quotas.give_back(session, user_id=idea.user_id, product="ideas")
 
     await sessions.write(write)
     if error:

@@ -21,10 +21,11 @@ from typing import Any, Literal, cast
 from sqlalchemy import Integer, String, Table, Uuid, bindparam, case, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 from sqlalchemy.sql.dml import ReturningInsert
 
 from aihub.core.config import Settings
-from aihub.core.db import AppSessions, Job, UTCDateTime, insert_if_absent
+from aihub.core.db import AppSessions, Job, UTCDateTime, insert_if_absent_statement
 from aihub.core.errors import AppError
 from aihub.usage.models import Quota
 
@@ -93,9 +94,26 @@ async def reserve(
     what is left; `QuotaExceeded` (429) when there is not enough. None: unlimited."""
     if policy is None:
         return None
+    return await session.run_sync(
+        take, user_id=user_id, product=product, policy=policy, now=now, units=units
+    )
+
+
+def take(
+    session: Session,
+    *,
+    user_id: uuid.UUID,
+    product: Product,
+    policy: QuotaPolicy | None,
+    now: datetime,
+    units: int = 1,
+) -> int | None:
+    """`reserve` as synchronous work on a session (an `AppSessions.write` job)."""
+    if policy is None:
+        return None
     if units > policy.initial:
         # The insert branch below would start the row below zero: create it untouched first.
-        await _start_balance(session, user_id, product, policy.initial, now)
+        _start_balance(session, user_id, product, policy.initial, now)
     statement = _reserve_statement(session.get_bind().dialect.name)
     parameters = {
         "user_id": user_id,
@@ -106,11 +124,9 @@ async def reserve(
         "now": now,
         "cutoff": now - PERIOD,
     }
-    remaining = (await session.execute(statement, parameters)).scalar_one_or_none()
+    remaining = session.execute(statement, parameters).scalar_one_or_none()
     if remaining is None:
-        current = await get_balance(
-            session, user_id=user_id, product=product, policy=policy, now=now
-        )
+        current = balance(session, user_id=user_id, product=product, policy=policy, now=now)
         assert current.next_reset_at is not None
         wait = math.ceil((current.next_reset_at - now).total_seconds())
         # Clamped: a concurrent request that began a moment later may have started the period.
@@ -133,21 +149,19 @@ async def reserve_with(
     if policy is None:
         return
 
-    async def take(session: AsyncSession) -> QuotaExceeded | None:
+    def taken(session: Session) -> QuotaExceeded | None:
         try:
-            await reserve(
-                session, user_id=user_id, product=product, policy=policy, now=now, units=units
-            )
+            take(session, user_id=user_id, product=product, policy=policy, now=now, units=units)
         except QuotaExceeded as exc:
             return exc  # an answer, not a failure: nothing was written
         return None
 
-    def give_back(exceeded: QuotaExceeded | None) -> Job[None] | None:
+    def give_back_if_taken(exceeded: QuotaExceeded | None) -> Job[None] | None:
         if exceeded is not None:
             return None
-        return functools.partial(refund, user_id=user_id, product=product, units=units)
+        return functools.partial(give_back, user_id=user_id, product=product, units=units)
 
-    if (exceeded := await sessions.write(take, undo=give_back)) is not None:
+    if (exceeded := await sessions.write(taken, undo=give_back_if_taken)) is not None:
         raise exceeded
 
 
@@ -182,12 +196,19 @@ def _reserve_statement(dialect: str) -> ReturningInsert[Any]:
     )
 
 
-async def _start_balance(
-    session: AsyncSession, user_id: uuid.UUID, product: Product, remaining: int, now: datetime
+def _start_balance(
+    session: Session, user_id: uuid.UUID, product: Product, remaining: int, now: datetime
 ) -> None:
     """A new balance, unless the user already has one for this product."""
-    await insert_if_absent(
-        session, Quota, user_id=user_id, product=product, remaining=remaining, last_reset_at=now
+    session.execute(
+        insert_if_absent_statement(
+            session,
+            Quota,
+            user_id=user_id,
+            product=product,
+            remaining=remaining,
+            last_reset_at=now,
+        )
     )
 
 
@@ -195,7 +216,12 @@ async def refund(
     session: AsyncSession, *, user_id: uuid.UUID, product: Product, units: int = 1
 ) -> None:
     """Give back units reserved for a call that failed or was not charged."""
-    await session.execute(
+    await session.run_sync(give_back, user_id=user_id, product=product, units=units)
+
+
+def give_back(session: Session, *, user_id: uuid.UUID, product: Product, units: int = 1) -> None:
+    """`refund` as synchronous work on a session (an `AppSessions.write` job)."""
+    session.execute(
         update(Quota)
         .where(Quota.user_id == user_id, Quota.product == product)
         .values(remaining=Quota.remaining + units)
@@ -211,9 +237,21 @@ async def get_balance(
     now: datetime,
 ) -> Balance:
     """The balance the next request would see (a due top-up counted, nothing written)."""
+    return await session.run_sync(balance, user_id=user_id, product=product, policy=policy, now=now)
+
+
+def balance(
+    session: Session,
+    *,
+    user_id: uuid.UUID,
+    product: Product,
+    policy: QuotaPolicy | None,
+    now: datetime,
+) -> Balance:
+    """`get_balance` as synchronous work on a session."""
     if policy is None:
         return Balance(None, None, None)
-    row = await session.get(Quota, (user_id, product), populate_existing=True)
+    row = session.get(Quota, (user_id, product), populate_existing=True)
     if row is None:
         return Balance(policy.initial, None, None)
     remaining, last_reset_at = row.remaining, row.last_reset_at
@@ -232,4 +270,4 @@ async def grant_initial(
     """Create a new user's balances (the Clerk webhook does; first use would otherwise)."""
     for product, policy in policies.items():
         if policy is not None:
-            await _start_balance(session, user_id, product, policy.initial, now)
+            await session.run_sync(_start_balance, user_id, product, policy.initial, now)

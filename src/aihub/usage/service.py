@@ -9,6 +9,7 @@ from datetime import datetime
 
 from sqlalchemy import case, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from aihub.core.db import utcnow
 from aihub.providers.routing import FailedAttempt
@@ -17,7 +18,7 @@ from aihub.usage.quotas import Product
 
 
 def record_usage(
-    session: AsyncSession,
+    session: AsyncSession | Session,
     *,
     user_id: uuid.UUID,
     product: Product,
@@ -50,7 +51,7 @@ def record_usage(
 
 
 def record_failed_attempts(
-    session: AsyncSession,
+    session: AsyncSession | Session,
     *,
     user_id: uuid.UUID,
     product: Product,
