@@ -128,6 +128,19 @@ async def test_docs_tag_every_route(served: Served) -> None:
     assert error_schema["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorRead")
 
 
+async def test_a_stream_carries_every_layer_s_headers(served: Served) -> None:
+    """CORS and the request id reach a browser's stream as they reach any other answer."""
+    _, token = await create_user(served.client)
+    headers = {"Origin": "http://localhost:3000", "X-Request-ID": "stream-1", **bearer(token)}
+    response = await served.client.get("/api?format=json", headers=headers)
+    assert response.status_code == 200
+    assert response.headers["access-control-allow-origin"] == "http://localhost:3000"
+    assert response.headers["x-request-id"] == "stream-1"
+    events = [block for block in response.text.split("\n\n") if block]
+    assert events[0].startswith("event: delta")
+    assert events[-1].startswith("event: done")
+
+
 async def test_unexpected_error_is_one_logged_500_that_browsers_can_read(
     served: Served, caplog: pytest.LogCaptureFixture
 ) -> None:
