@@ -269,6 +269,17 @@ async def test_byok_copy_uses_its_own_key_and_the_shared_pool(
     assert fake_openai.requests[1].headers["authorization"] == f"Bearer {API_KEY}"
 
 
+async def test_requests_tell_the_upstream_nothing_of_this_machine(
+    provider: OpenAIProvider, fake_openai: FakeOpenAI
+) -> None:
+    await collect(provider)
+    await collect(provider.with_api_key("sk-caller-own-key-9876543210"))
+    for request in fake_openai.requests:
+        assert request.headers["user-agent"].startswith("AsyncOpenAI/Python")
+        assert request.headers["authorization"].startswith("Bearer sk-")
+        assert not [name for name in request.headers if name.startswith("x-stainless")]
+
+
 async def test_the_shared_client_keeps_no_cookies(fake_openai: FakeOpenAI) -> None:
     """One client serves every caller (and every caller's own key): a cookie that one upstream
     answer sets must not ride along on anybody's next request. (By a host name, not an IP
