@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import secrets
 import sqlite3
 import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import pytest
 from sqlalchemy import Connection, Engine, event, text
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session
 
 from aihub.core.db import AppSessions, create_engine, create_sessionmaker
@@ -167,3 +170,68 @@ async def test_a_write_whose_caller_left_after_it_ran_is_undone(tmp_path: Path) 
             await caller
         await sessions.write(_add(0))  # after the reversal, which was queued first
         assert await _total(sessions) == 0
+
+
+@contextlib.asynccontextmanager
+async def _postgres_counter(engine: AsyncEngine) -> AsyncIterator[tuple[AppSessions, str]]:
+    """A `counter` table of this test's own on the test run's PostgreSQL database."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("autocommitted writes are PostgreSQL's: on SQLite `write_each` is `write`")
+    table = f"counter_{secrets.token_hex(4)}"
+    async with engine.begin() as connection:
+        await connection.execute(text(f"CREATE TABLE {table} (id INTEGER PRIMARY KEY, n INTEGER)"))
+        await connection.execute(text(f"INSERT INTO {table} VALUES (1, 0)"))
+    sessions = create_sessionmaker(engine)
+    try:
+        yield sessions, table
+    finally:
+        await sessions.aclose()
+        async with engine.begin() as connection:
+            await connection.execute(text(f"DROP TABLE {table}"))
+
+
+def _add_then_wait(table: str, n: int, seconds: float) -> Callable[[Session], int]:
+    def job(session: Session) -> int:
+        total = int(session.scalar(text(f"UPDATE {table} SET n = n + {n} RETURNING n")))
+        session.execute(text(f"SELECT pg_sleep({seconds})"))
+        return total
+
+    return job
+
+
+async def _read(sessions: AppSessions, table: str) -> int:
+    async with sessions() as session:
+        return int(await session.scalar(text(f"SELECT n FROM {table}")))
+
+
+async def test_each_statement_of_a_write_each_is_committed_as_it_runs(
+    db_engine: AsyncEngine,
+) -> None:
+    """A quota row that every request of a user updates must not stay locked until a COMMIT
+    that waits for turns of a busy event loop: the update is visible (committed, its lock
+    released) while the rest of the job still runs."""
+    async with _postgres_counter(db_engine) as (sessions, table):
+        job = asyncio.create_task(
+            sessions.write_each(_add_then_wait(table, 1, 0.5), undo=lambda _: None)
+        )
+        await asyncio.sleep(0.2)
+        assert not job.done()
+        assert await _read(sessions, table) == 1
+        assert await job == 1
+
+
+async def test_a_write_each_whose_caller_left_is_undone(db_engine: AsyncEngine) -> None:
+    def give_back(n: int) -> Callable[[Session], int]:
+        assert n == 1
+        return _add_then_wait(table, -1, 0)
+
+    async with _postgres_counter(db_engine) as (sessions, table):
+        caller = asyncio.create_task(
+            sessions.write_each(_add_then_wait(table, 1, 0.3), undo=give_back)
+        )
+        await asyncio.sleep(0.1)
+        caller.cancel()  # while its job runs: the update is committed already
+        with contextlib.suppress(asyncio.CancelledError):
+            await caller
+        await sessions.aclose()  # waits for the reversal
+        assert await _read(sessions, table) == 0

@@ -156,6 +156,13 @@ class AppSessions(async_sessionmaker[AsyncSession]):
     """The app's sessions: `begin()` for a transaction of one's own, `write(job)` for the short
     writes that run before and after every stream and generation."""
 
+    def __init__(self, engine: AsyncEngine, **kwargs: Any) -> None:
+        super().__init__(engine, **kwargs)
+        self._autocommit: async_sessionmaker[AsyncSession] = async_sessionmaker(
+            engine.execution_options(isolation_level="AUTOCOMMIT"), **kwargs
+        )
+        self._undoing: set[asyncio.Task[Any]] = set()
+
     async def write(self, job: Job[T], *, undo: Callable[[T], Job[Any] | None] | None = None) -> T:
         """Run `job` in a transaction and commit it; its result, or its exception.
 
@@ -167,8 +174,44 @@ class AppSessions(async_sessionmaker[AsyncSession]):
         async with self.begin() as session:
             return await session.run_sync(job)
 
+    async def write_each(self, job: Job[T], *, undo: Callable[[T], Job[Any] | None]) -> T:
+        """`write` for a job each of whose statements stands on its own (each is atomic, and
+        together they are correct in any interleaving): each is committed as it runs.
+
+        Here that is autocommit: a row a statement locks (a user's quota, which every request of
+        theirs updates) is locked for that statement only, not until a COMMIT that, under load,
+        waits for turns of a busy event loop while every other request for that row queues
+        behind it (seconds, for one user's 300 concurrent streams). The job runs to its end even
+        if the caller stops waiting; `undo` then reverses it. On SQLite: `write`."""
+        running = asyncio.ensure_future(self._run_autocommitted(job))
+        try:
+            return await asyncio.shield(running)
+        except asyncio.CancelledError:
+            reversing = asyncio.get_running_loop().create_task(self._undo(running, undo))
+            self._undoing.add(reversing)
+            reversing.add_done_callback(self._undoing.discard)
+            raise
+
+    async def _run_autocommitted(self, job: Job[T]) -> T:
+        async with self._autocommit() as session:
+            return await session.run_sync(job)
+
+    async def _undo(self, running: asyncio.Future[T], undo: Callable[[T], Job[Any] | None]) -> None:
+        """Once the job its caller left is done, reverse it."""
+        try:
+            result = await running
+        except Exception:
+            return  # it failed: its caller was told nothing, and there is nothing to reverse
+        if (reversal := undo(result)) is not None:
+            try:
+                await self.write(reversal)
+            except Exception as exc:
+                logger.error("a write reversing an abandoned one failed: %s", type(exc).__name__)
+
     async def aclose(self) -> None:
         """Release what the sessions hold beside the engine (call before `engine.dispose()`)."""
+        if self._undoing:
+            await asyncio.gather(*self._undoing, return_exceptions=True)
 
 
 @dataclass(eq=False)
@@ -225,7 +268,11 @@ class _SQLiteSessions(AppSessions):
         # Cancelled while queued, the job is dropped; cancelled once it ran, `undo` runs.
         return await write.future
 
+    async def write_each(self, job: Job[T], *, undo: Callable[[T], Job[Any] | None]) -> T:
+        return await self.write(job, undo=undo)
+
     async def aclose(self) -> None:
+        await super().aclose()
         if self._committer is not None:
             self._committer.cancel()
             with contextlib.suppress(asyncio.CancelledError):

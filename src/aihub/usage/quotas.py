@@ -161,7 +161,8 @@ async def reserve_with(
             return None
         return functools.partial(give_back, user_id=user_id, product=product, units=units)
 
-    if (exceeded := await sessions.write(taken, undo=give_back_if_taken)) is not None:
+    # Each statement of `take` is atomic on its own (see `AppSessions.write_each`).
+    if (exceeded := await sessions.write_each(taken, undo=give_back_if_taken)) is not None:
         raise exceeded
 
 
