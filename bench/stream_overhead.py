@@ -319,7 +319,9 @@ async def main() -> int:
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("OPENAI_", "GEMINI_", "CLERK_", "DATABASE_"))
+        # The providers' and the database's settings are the benchmark's (DATABASE_POOL_SIZE
+        # and DATABASE_ECHO pass through, to tune aihub's pool).
+        if not k.startswith(("OPENAI_", "GEMINI_", "CLERK_")) and k != "DATABASE_URL"
     }
     scratch = Path(tempfile.mkdtemp(prefix="aihub-bench-"))
     finished = False
