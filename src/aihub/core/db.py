@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -158,9 +159,6 @@ class AppSessions(async_sessionmaker[AsyncSession]):
 
     def __init__(self, engine: AsyncEngine, **kwargs: Any) -> None:
         super().__init__(engine, **kwargs)
-        self._autocommit: async_sessionmaker[AsyncSession] = async_sessionmaker(
-            engine.execution_options(isolation_level="AUTOCOMMIT"), **kwargs
-        )
         self._undoing: set[asyncio.Task[Any]] = set()
 
     async def write(self, job: Job[T], *, undo: Callable[[T], Job[Any] | None] | None = None) -> T:
@@ -195,6 +193,13 @@ class AppSessions(async_sessionmaker[AsyncSession]):
     async def _run_autocommitted(self, job: Job[T]) -> T:
         async with self._autocommit() as session:
             return await session.run_sync(job)
+
+    @functools.cached_property
+    def _autocommit(self) -> async_sessionmaker[AsyncSession]:
+        """Sessions on the same pool whose statements each commit as they run."""
+        engine: AsyncEngine = self.kw["bind"]
+        autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+        return async_sessionmaker(autocommit, expire_on_commit=False)
 
     async def _undo(self, running: asyncio.Future[T], undo: Callable[[T], Job[Any] | None]) -> None:
         """Once the job its caller left is done, reverse it."""
@@ -251,10 +256,8 @@ class _SQLiteSessions(AppSessions):
         self._queued: list[_Write[Any]] = []
         self._committer: asyncio.Task[None] | None = None
         self._thread: ThreadPoolExecutor | None = None
-        self._url = engine.url.set(drivername="sqlite")
-        self._echo = engine.echo
-        self._sync_engine: sqlalchemy.Engine | None = None
         self._sync: sessionmaker[Session] | None = None
+        """The writer thread's sessions, on a plain `sqlite3` connection to the same file."""
 
     @asynccontextmanager
     async def begin(self) -> AsyncIterator[AsyncSession]:  # type: ignore[override]
@@ -315,11 +318,15 @@ class _SQLiteSessions(AppSessions):
     def _run(self, jobs: list[Job[Any]]) -> list[_Outcome]:
         """On the writer thread: the jobs in one transaction, or each in its own if that fails."""
         if self._sync is None:
-            self._sync_engine = sqlalchemy.create_engine(
-                self._url, echo=self._echo, connect_args={"timeout": 30}, pool_size=1
+            engine: AsyncEngine = self.kw["bind"]
+            plain = sqlalchemy.create_engine(
+                engine.url.set(drivername="sqlite"),
+                echo=engine.echo,
+                connect_args={"timeout": 30},
+                pool_size=1,
             )
-            event.listen(self._sync_engine, "connect", _sqlite_pragmas)
-            self._sync = sessionmaker(self._sync_engine, expire_on_commit=False)
+            event.listen(plain, "connect", _sqlite_pragmas)
+            self._sync = sessionmaker(plain, expire_on_commit=False)
         if len(jobs) > 1:
             try:
                 with self._sync.begin() as session:
@@ -336,9 +343,9 @@ class _SQLiteSessions(AppSessions):
         return outcomes
 
     def _dispose(self) -> None:
-        if self._sync_engine is not None:
-            self._sync_engine.dispose()
-            self._sync_engine = self._sync = None
+        if self._sync is not None:
+            self._sync.kw["bind"].dispose()
+            self._sync = None
 
     def _settle(self, write: _Write[Any], outcome: _Outcome) -> None:
         if not write.future.cancelled():

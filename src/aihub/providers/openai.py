@@ -113,8 +113,8 @@ class OpenAIProvider(TextProvider):
             http_client=_http_client(),
         )
         self._api_key = api_key
-        self._auth: dict[str, str] | None = None
-        """Headers that replace the client's own credentials (a caller's own key)."""
+        self._headers: Mapping[str, str | openai.Omit] = _NO_TELEMETRY
+        """Every request's headers over the client's own: no telemetry, and a caller's own key."""
         self._owns_client = True
 
     def with_api_key(self, api_key: str) -> OpenAIProvider:
@@ -128,7 +128,7 @@ class OpenAIProvider(TextProvider):
         copy = object.__new__(OpenAIProvider)
         copy._client = self._client
         copy._api_key = api_key
-        copy._auth = {"Authorization": f"Bearer {api_key}"}
+        copy._headers = {**_NO_TELEMETRY, "Authorization": f"Bearer {api_key}"}
         copy._owns_client = False
         return copy
 
@@ -155,7 +155,7 @@ class OpenAIProvider(TextProvider):
                 "/chat/completions",
                 cast_to=object,
                 body=params,
-                options={"headers": {**_NO_TELEMETRY, **(self._auth or {})}},
+                options={"headers": self._headers},
                 stream=True,
                 stream_cls=openai.AsyncStream[object],
             )

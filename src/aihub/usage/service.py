@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NotRequired, TypedDict, Unpack
 
 from sqlalchemy import case, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -18,65 +18,38 @@ from aihub.usage.models import UsageRecord
 from aihub.usage.quotas import Product
 
 
-def usage_row(
-    *,
-    user_id: uuid.UUID,
-    product: Product,
-    provider: str,
-    model: str,
-    latency_ms: int,
-    outcome: str,
-    input_tokens: int | None = None,
-    output_tokens: int | None = None,
-    images: int = 0,
-    error: str | None = None,
-) -> dict[str, Any]:
+class UsageFields(TypedDict):
+    """What a caller says of one provider call; `usage_row` adds the id and the time."""
+
+    user_id: uuid.UUID
+    product: Product
+    provider: str
+    model: str
+    latency_ms: int
+    outcome: str
+    input_tokens: NotRequired[int | None]
+    output_tokens: NotRequired[int | None]
+    images: NotRequired[int]
+    error: NotRequired[str | None]
+
+
+def usage_row(**fields: Unpack[UsageFields]) -> dict[str, Any]:
     """A usage row's values, for `record_usage` or a bulk `insert_usage`."""
     return {
+        **fields,
         "id": uuid.uuid4(),
-        "user_id": user_id,
-        "product": product,
-        "provider": provider,
-        "model": model,
-        "input_tokens": input_tokens or 0,
-        "output_tokens": output_tokens or 0,
-        "images": images,
-        "latency_ms": max(latency_ms, 0),
-        "outcome": outcome,
-        "error": error,
+        "input_tokens": fields.get("input_tokens") or 0,
+        "output_tokens": fields.get("output_tokens") or 0,
+        "images": fields.get("images", 0),
+        "latency_ms": max(fields["latency_ms"], 0),
+        "error": fields.get("error"),
         "created_at": utcnow(),
     }
 
 
-def record_usage(
-    session: AsyncSession | Session,
-    *,
-    user_id: uuid.UUID,
-    product: Product,
-    provider: str,
-    model: str,
-    latency_ms: int,
-    outcome: str,
-    input_tokens: int | None = None,
-    output_tokens: int | None = None,
-    images: int = 0,
-    error: str | None = None,
-) -> UsageRecord:
+def record_usage(session: AsyncSession | Session, **fields: Unpack[UsageFields]) -> UsageRecord:
     """Add a usage row to the session (written with the caller's transaction)."""
-    record = UsageRecord(
-        **usage_row(
-            user_id=user_id,
-            product=product,
-            provider=provider,
-            model=model,
-            latency_ms=latency_ms,
-            outcome=outcome,
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-            images=images,
-            error=error,
-        )
-    )
+    record = UsageRecord(**usage_row(**fields))
     session.add(record)
     return record
 
