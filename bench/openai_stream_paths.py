@@ -5,7 +5,8 @@ request with 100 tokens 20 ms apart, then opens 300 streams arriving evenly over
 
   (a) the SDK iterating parsed `ChatCompletionChunk` objects, default httpx2 client;
   (b) the same, with `DefaultAioHttpClient`;
-  (c) aihub's `OpenAIProvider`: `with_streaming_response`, orjson per `data:` line, aiohttp.
+  (c) aihub's `OpenAIProvider`: the SDK's `post(stream=True)`, the body read raw, orjson per
+      `data:` line, aiohttp.
 
 Every stream is read to its end (the parsing load is the point); time to first token is measured
 from each stream's scheduled arrival. Prints p50/p99 per arm and each arm's ratio to arm (c).

@@ -64,7 +64,7 @@ from tests.fakes.openai import (
     tokenize,
     tokens_of_length,
 )
-from tests.fakes.server import serve, serve_forever
+from tests.fakes.server import SetsCookies, serve, serve_forever
 
 _STATUS_NAMES = {
     400: "INVALID_ARGUMENT",
@@ -139,18 +139,23 @@ class FakeGemini:
     def __init__(self) -> None:
         self.base_url = ""
         """`http://127.0.0.1:PORT` once served: what `HttpOptions(base_url=...)` expects."""
-        self.app = Starlette(
-            routes=[
-                Route("/{version}/models/{call:path}", self._models, methods=["POST"]),
-                Route("/upload/{version}/files", self._upload, methods=["POST"]),
-                Route("/{version}/files/{file_id}", self._get_file, methods=["GET"]),
-            ]
+        self.app = SetsCookies(
+            Starlette(
+                routes=[
+                    Route("/{version}/models/{call:path}", self._models, methods=["POST"]),
+                    Route("/upload/{version}/files", self._upload, methods=["POST"]),
+                    Route("/{version}/files/{file_id}", self._get_file, methods=["GET"]),
+                ]
+            ),
+            lambda: self.set_cookie,
         )
         self.reset()
 
     # --- scripting ------------------------------------------------------------------------------
 
     def reset(self) -> None:
+        self.set_cookie: str | None = None
+        """A `Set-Cookie` for every response (as a load balancer in front of the API sends)."""
         self.tokens: list[str] = tokenize(DEFAULT_TEXT)
         self.token_delay = 0.0
         """Seconds between two streamed tokens (one token per event)."""

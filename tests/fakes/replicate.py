@@ -30,7 +30,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from tests.fakes.openai import ReceivedRequest, ScriptedError, record
-from tests.fakes.server import serve, serve_forever
+from tests.fakes.server import SetsCookies, serve, serve_forever
 
 Outcome = Literal["succeeded", "failed", "canceled"]
 
@@ -106,20 +106,25 @@ class FakeReplicate:
     def __init__(self) -> None:
         self.base_url = ""
         """`http://127.0.0.1:PORT` once served: what `replicate.Client(base_url=...)` expects."""
-        self.app = Starlette(
-            routes=[
-                Route("/v1/models/{owner}/{name}/predictions", self._create, methods=["POST"]),
-                Route("/v1/predictions", self._create, methods=["POST"]),
-                Route("/v1/predictions/{id}", self._get, methods=["GET"]),
-                Route("/v1/predictions/{id}/cancel", self._cancel, methods=["POST"]),
-                Route("/files/{id}/{filename}", self._file, methods=["GET"]),
-            ]
+        self.app = SetsCookies(
+            Starlette(
+                routes=[
+                    Route("/v1/models/{owner}/{name}/predictions", self._create, methods=["POST"]),
+                    Route("/v1/predictions", self._create, methods=["POST"]),
+                    Route("/v1/predictions/{id}", self._get, methods=["GET"]),
+                    Route("/v1/predictions/{id}/cancel", self._cancel, methods=["POST"]),
+                    Route("/files/{id}/{filename}", self._file, methods=["GET"]),
+                ]
+            ),
+            lambda: self.set_cookie,
         )
         self.reset()
 
     # --- scripting ------------------------------------------------------------------------------
 
     def reset(self) -> None:
+        self.set_cookie: str | None = None
+        """A `Set-Cookie` for every response (as a load balancer in front of the API sends)."""
         self.image_delay = 0.0
         """Seconds from creation until a prediction ends."""
         self.prefer_wait_max = 60.0

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import uvicorn
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 @asynccontextmanager
@@ -41,6 +41,25 @@ async def serve(app: ASGIApp, *, lifespan: str = "on") -> AsyncIterator[str]:
         server.should_exit = True
         await task
         sock.close()
+
+
+class SetsCookies:
+    """Wraps a fake's app: every response sets `cookie()`'s cookie, when it names one (as a load
+    balancer in front of a provider does), so a test can check that no client sends it back."""
+
+    def __init__(self, app: ASGIApp, cookie: Callable[[], str | None]) -> None:
+        self.app = app
+        self.cookie = cookie
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_with_cookie(message: Message) -> None:
+            cookie = self.cookie()
+            if message["type"] == "http.response.start" and cookie is not None:
+                headers = [*message.get("headers", []), (b"set-cookie", cookie.encode())]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_cookie)
 
 
 def serve_forever(app: ASGIApp, *, host: str, port: int) -> None:

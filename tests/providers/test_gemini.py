@@ -486,3 +486,21 @@ async def test_a_file_gemini_does_not_hold_is_a_bad_request(
         await collect(provider, TextRequest(messages=(message,)))
 
     assert caught.value.upstream_status == 403
+
+
+async def test_the_client_keeps_no_cookies(fake_gemini: FakeGemini) -> None:
+    """One client serves every user: a cookie that one answer sets (a load balancer's, a
+    proxy's) must not ride along on the next request. (By a host name, not an IP address:
+    cookie jars keep no cookies for IP addresses.)"""
+    base_url = fake_gemini.base_url.replace("127.0.0.1", "localhost")
+    provider = GeminiProvider(api_key=API_KEY, base_url=base_url, max_retries=0)
+    fake_gemini.set_cookie = "GFE_RTT=first-users-session; Path=/; HttpOnly"
+    try:
+        await collect(provider)
+        await collect(provider)
+        await provider.upload_file(b"%PDF-1.4", "application/pdf", display_name="a.pdf")
+    finally:
+        await provider.aclose()
+    sent = [*fake_gemini.requests, *fake_gemini.file_requests]
+    assert len(sent) >= 3
+    assert [r.headers.get("cookie") for r in sent] == [None] * len(sent)

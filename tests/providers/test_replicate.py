@@ -211,3 +211,25 @@ async def test_connection_refused_is_unavailable() -> None:
             await provider.generate_image(CAT, model=MODEL)
     finally:
         await provider.aclose()
+
+
+async def test_the_client_keeps_no_cookies(fake_replicate: FakeReplicate) -> None:
+    """One client serves every user: a cookie that one answer sets (a load balancer's, a
+    proxy's) must not ride along on the next request. (By a host name, not an IP address:
+    cookie jars keep no cookies for IP addresses.)"""
+    served_at = fake_replicate.base_url
+    fake_replicate.base_url = served_at.replace("127.0.0.1", "localhost")
+    fake_replicate.set_cookie = "__cf_bm=first-users-session; Path=/; HttpOnly"
+    fake_replicate.prefer_wait_max = 0  # answered while still running: polled, then fetched
+    provider = make_provider(fake_replicate)
+    try:
+        await provider.generate_image(CAT, model=MODEL)
+        await provider.generate_image(CAT, model=MODEL)
+    finally:
+        await provider.aclose()
+        fake_replicate.base_url = served_at
+    methods = {(r.method, r.path.split("/")[1]) for r in fake_replicate.requests}
+    assert len(methods) >= 2, methods
+    assert [r.headers.get("cookie") for r in fake_replicate.requests] == [None] * len(
+        fake_replicate.requests
+    )

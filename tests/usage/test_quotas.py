@@ -147,6 +147,7 @@ async def test_ideas_draw_on_their_own_quota_and_refuse_in_the_stream_s_format(
         assert as_json.status_code == 429
         assert as_json.json()["error"] == "quota_exceeded"
         assert (await quota(served, token))["quota_remaining"] == 50  # challenges untouched
+        assert len(fake_openai.requests) == 1  # the refusals never reached the provider
 
 
 async def test_a_provider_failure_gives_the_idea_back(

@@ -8,6 +8,7 @@ the spend.
 
 from __future__ import annotations
 
+import http.cookiejar
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
@@ -17,6 +18,18 @@ from typing import Any, ClassVar, Literal
 
 from aihub.core.errors import AppError
 from aihub.core.logging import redact
+
+
+class NoCookies(http.cookiejar.CookieJar):
+    """A cookie jar that keeps nothing, for the providers' shared HTTP clients.
+
+    One client serves every user (and, with bring-your-own-key, every caller's key): a cookie
+    that one answer sets (a load balancer's, a proxy's session) must not ride along on anybody
+    else's request. httpx, httpx2 and the SDKs built on them keep cookies by default."""
+
+    def __init__(self) -> None:
+        super().__init__(policy=http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
+
 
 # --- requests ---------------------------------------------------------------------------------
 

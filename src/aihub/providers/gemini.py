@@ -37,6 +37,7 @@ from aihub.providers.base import (
     Finish,
     MediaPart,
     Message,
+    NoCookies,
     Part,
     ProviderAuthError,
     ProviderBadRequest,
@@ -112,7 +113,10 @@ class GeminiProvider(TextProvider):
         self._file_ready_timeout = file_ready_timeout
         self._file_poll_interval = file_poll_interval
         self._http = httpx2.AsyncClient(
-            timeout=timeout, limits=_LIMITS, event_hooks={"response": [_track_response]}
+            timeout=timeout,
+            limits=_LIMITS,
+            cookies=NoCookies(),
+            event_hooks={"response": [_track_response]},
         )
         options = types.HttpOptions(
             base_url=base_url,

@@ -1,14 +1,14 @@
 """OpenAI (and OpenAI-compatible servers) through the official async SDK, over aiohttp.
 
-The stream is read through `with_streaming_response` and each `data:` line is parsed with orjson
-instead of iterating the SDK's parsed chunk objects: at a few hundred concurrent streams that is
-what keeps time to first token low (see `bench/openai_stream_paths.py`).
+The SDK opens the stream (its generic `post`, with `stream=True`) and its body is read raw, each
+`data:` line parsed with orjson, instead of iterating the SDK's parsed chunk objects: at a few
+hundred concurrent streams that is what keeps time to first token low (see
+`bench/openai_stream_paths.py`).
 """
 
 from __future__ import annotations
 
 import base64
-import http.cookiejar
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import aclosing
@@ -25,6 +25,7 @@ from aihub.providers.base import (
     Finish,
     MediaPart,
     Message,
+    NoCookies,
     ProviderBadRequest,
     ProviderError,
     ProviderUnavailable,
@@ -61,14 +62,9 @@ def _http_client() -> httpx2.AsyncClient:
     return openai.DefaultAioHttpClient(
         limits=limits,
         verify=ssl_context,
-        cookies=_NoCookies(),
+        cookies=NoCookies(),
         transport=AiohttpTransport(verify=ssl_context, limits=limits, client=session),
     )
-
-
-class _NoCookies(http.cookiejar.CookieJar):
-    def __init__(self) -> None:
-        super().__init__(policy=http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
 
 
 _NO_TELEMETRY: dict[str, str | openai.Omit] = {

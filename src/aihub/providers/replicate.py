@@ -25,6 +25,7 @@ from aihub.providers.base import (
     GeneratedImage,
     ImageProvider,
     ImageRequest,
+    NoCookies,
     ProviderError,
     ProviderUnavailable,
     error_for_status,
@@ -61,6 +62,7 @@ class ReplicateProvider(ImageProvider):
             api_token=api_key,
             base_url=base_url,
             timeout=httpx.Timeout(timeout),
+            cookies=NoCookies(),  # one client serves every user (see `NoCookies`)
             event_hooks={"response": [_note_retry_after]},
         )
         self._client.poll_interval = poll_interval
