@@ -11,14 +11,14 @@ from datetime import timedelta
 
 import anyio
 from fastapi import FastAPI
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from starlette.middleware.cors import CORSMiddleware
 
 from aihub import __version__
 from aihub.api import include_routers
 from aihub.chats.router import load_system_prompt
 from aihub.chats.service import Summaries
-from aihub.core.auth import Authenticator
+from aihub.core.auth import Authenticator, handle_integrity_error
 from aihub.core.clock import Clock
 from aihub.core.config import Settings
 from aihub.core.db import create_engine, create_sessionmaker, utcnow
@@ -79,6 +79,7 @@ def create_app(settings: Settings, *, freeze_gc: bool = False, clock: Clock = ut
     include_routers(app)
     app.add_route("/metrics", metrics_endpoint, include_in_schema=False)
     install_error_handlers(app)  # innermost: its 500s pass through CORS
+    app.add_exception_handler(IntegrityError, handle_integrity_error)
     app.add_middleware(
         BodySizeLimitMiddleware,
         max_bytes=settings.max_request_body_bytes,

@@ -27,12 +27,14 @@ from aihub.images.models import ImageJob
 from aihub.storage.models import StoredFile
 from aihub.usage.models import IdempotencyKey, Quota, UsageRecord
 from aihub.usage.quotas import quota_policies
+from aihub.users import service
 from aihub.users.models import DeletedClerkUser, User, WebhookDelivery
 from tests.conftest import MakeApp, Served
 from tests.factories import bearer
 from tests.fakes.clerk import FakeClerk
 from tests.fakes.openai import FakeOpenAI
 from tests.fakes.replicate import make_png
+from tests.sse_clients import markdown_buffer
 
 
 def new_secret() -> str:
@@ -582,6 +584,40 @@ async def test_user_deleted_deletes_everything_they_own(
     assert await deliver_ok(served_hooks, late) == "ignored"
     assert await users_with(served_hooks, doomed_clerk_id) == []
     assert (await served_hooks.client.get("/api/me", headers=bearer(other_token))).is_success
+
+
+async def test_a_user_another_instance_deleted_is_refused_here_not_a_500(
+    served_hooks: Served, fake_clerk: FakeClerk, fake_openai: FakeOpenAI
+) -> None:
+    """This instance cached the user a moment ago; Clerk's `user.deleted` reached another one,
+    which deleted them from the shared database. Their next write here finds no user row: 401
+    `account_deleted`, in the format of the request's client, and not cached any more."""
+    clerk_id = new_clerk_id()
+    token = fake_clerk.issue_token(sub=clerk_id, lifetime=300)
+    assert (await served_hooks.client.get("/api/me", headers=bearer(token))).is_success
+    async with served_hooks.app.state.sessions.begin() as session:  # the other instance's work
+        assert await service.delete_clerk_user(session, clerk_id=clerk_id) is not None
+    client = served_hooks.client
+
+    markdown = await client.get("/api", headers={**bearer(token), "Accept": "text/event-stream"})
+    assert markdown.status_code == 401
+    assert markdown.headers["content-type"].startswith("text/event-stream")
+    assert "deleted" in markdown_buffer(markdown.text)
+    writes = [
+        client.get("/api", params={"format": "json"}, headers=bearer(token)),
+        client.post("/api/chats/create", json={"title": None}, headers=bearer(token)),
+        client.post("/api/generate-challenge", json={"difficulty": "easy"}, headers=bearer(token)),
+    ]
+    for refused in await asyncio.gather(*writes):
+        assert refused.status_code == 401, refused.text
+        assert refused.json() == {
+            "error": "account_deleted",
+            "detail": "This account has been deleted",
+        }
+    me = await client.get("/api/me", headers=bearer(token))  # no longer served from the cache
+    assert (me.status_code, me.json()["error"]) == (401, "account_deleted")
+    assert await users_with(served_hooks, clerk_id) == []
+    assert fake_openai.requests == []
 
 
 async def test_user_deleted_for_an_unknown_user_changes_nothing(served_hooks: Served) -> None:

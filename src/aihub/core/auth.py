@@ -52,10 +52,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from starlette.responses import Response
 
 from aihub.core.config import ConfigError, Settings
-from aihub.core.errors import Forbidden, Unauthorized
+from aihub.core.errors import Forbidden, Unauthorized, handle_app_error
 from aihub.core.jwks import JwksCache
 from aihub.users import service
 from aihub.users.models import User
@@ -110,7 +112,8 @@ class UserCache:
 
     An entry lives `ttl` seconds; a Clerk token whose profile claims differ from the cached user
     misses, so plan changes are written at once. Deleting a user must call `forget`; another
-    instance may keep serving a deleted user for at most `ttl` seconds.
+    instance may keep serving a deleted user's reads for at most `ttl` seconds, while their
+    first write there finds no user row and is refused (`handle_integrity_error`).
     """
 
     def __init__(self, ttl: float, *, max_entries: int = 10_000) -> None:
@@ -389,15 +392,32 @@ async def get_current_user(
     identity = await authenticator.verify(credentials.credentials)
     request.state.identity = identity
     user = authenticator.users.get(identity)
-    if user is not None:
-        return user
+    if user is None:
+        sessions: async_sessionmaker[AsyncSession] = request.app.state.sessions
+        async with sessions() as session:
+            user = await _load_user(session, identity)
+            if isinstance(identity, ClerkIdentity):
+                await session.commit()  # a user seen for the first time, or a changed plan
+        authenticator.users.put(identity, user)
+    request.state.user_id = user.id
+    return user
+
+
+async def handle_integrity_error(request: Request, exc: Exception) -> Response:
+    """A write broke a database constraint. When the caller's own user row is gone, another
+    instance deleted them (Clerk's `user.deleted`) after this one had cached them (`UserCache`):
+    forget them here too and refuse, as the next token check would, rather than answer 500 until
+    the cache entry expires. Any other broken constraint is unexpected, and raised on."""
+    user_id: uuid.UUID | None = getattr(request.state, "user_id", None)
+    if user_id is None:
+        raise exc
     sessions: async_sessionmaker[AsyncSession] = request.app.state.sessions
     async with sessions() as session:
-        user = await _load_user(session, identity)
-        if isinstance(identity, ClerkIdentity):
-            await session.commit()  # a user seen for the first time, or a changed plan
-    authenticator.users.put(identity, user)
-    return user
+        if await session.scalar(select(User.id).where(User.id == user_id)) is not None:
+            raise exc
+    authenticator: Authenticator = request.app.state.authenticator
+    authenticator.users.forget(user_id)
+    return await handle_app_error(request, service.AccountDeleted())
 
 
 async def _load_user(session: AsyncSession, identity: Identity) -> User:
