@@ -364,6 +364,8 @@ class FakeGCS:
     tokens: list[str] = field(default_factory=list)
     revoked: set[str] = field(default_factory=set)
     fail_with: int | None = None
+    fail_times: int | None = None
+    """How many requests `fail_with` answers (None: every one)."""
     page_size: int = 2
     requests: list[tuple[str, str]] = field(default_factory=list)
 
@@ -424,7 +426,9 @@ class FakeGCS:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme != "Bearer" or token not in self.tokens or token in self.revoked:
             return JSONResponse({"error": {"code": 401, "message": "Invalid Credentials"}}, 401)
-        if self.fail_with is not None:
+        if self.fail_with is not None and self.fail_times != 0:
+            if self.fail_times is not None:
+                self.fail_times -= 1
             return JSONResponse(
                 {"error": {"code": self.fail_with, "message": "Backend Error"}}, self.fail_with
             )
@@ -501,6 +505,9 @@ class FakeS3:
     objects: dict[str, tuple[bytes, str]] = field(default_factory=dict)
     page_size: int = 2
     requests: list[tuple[str, str]] = field(default_factory=list)
+    fail_with: int | None = None
+    fail_times: int = 0
+    """How many signed requests `fail_with` answers."""
 
     def app(self) -> Starlette:
         return Starlette(
@@ -532,6 +539,9 @@ class FakeS3:
             assert "x-amz-security-token" in signed
         if match["signature"] != self._expected_signature(request, signed, body):
             return _s3_error(403, "SignatureDoesNotMatch")
+        if self.fail_with is not None and self.fail_times > 0:
+            self.fail_times -= 1
+            return _s3_error(self.fail_with, "ServiceUnavailable")
         return None
 
     def _expected_signature(self, request: Request, signed: list[str], body: bytes) -> str:
@@ -836,6 +846,45 @@ async def test_gcs_errors_are_os_errors_with_the_status(gcs: GCSStorage, fake_gc
     fake_gcs.fail_with = 503
     with pytest.raises(GCSError, match="HTTP 503 Backend Error"):
         await gcs.put(IMAGE_KEY, PNG, content_type="image/png")
+
+
+async def test_gcs_transient_errors_are_retried_and_others_are_not(
+    gcs: GCSStorage, fake_gcs: FakeGCS
+) -> None:
+    fake_gcs.fail_with, fake_gcs.fail_times = 503, 2
+    await gcs.put(IMAGE_KEY, PNG, content_type="image/png")  # the third try
+    fake_gcs.fail_with, fake_gcs.fail_times = 429, 1
+    assert (await gcs.get(IMAGE_KEY)).data == PNG
+    uploads = [path for method, path in fake_gcs.requests if method == "POST"]
+    downloads = [path for method, path in fake_gcs.requests if method == "GET"]
+    assert (len(uploads), len(downloads)) == (3, 2)
+
+    fake_gcs.requests.clear()
+    fake_gcs.fail_with, fake_gcs.fail_times = 403, None
+    with pytest.raises(GCSError, match="HTTP 403"):
+        await gcs.delete(IMAGE_KEY)
+    assert len(fake_gcs.requests) == 1  # refused for good: not tried again
+
+    fake_gcs.requests.clear()
+    fake_gcs.fail_with = 503
+    with pytest.raises(GCSError, match="HTTP 503"):
+        await gcs.delete(IMAGE_KEY)
+    assert len(fake_gcs.requests) == 3  # three tries in all
+
+
+async def test_s3_transient_errors_are_retried_each_signed_anew(
+    s3: S3Storage, fake_s3: tuple[FakeS3, str]
+) -> None:
+    fake, _ = fake_s3
+    fake.fail_with, fake.fail_times = 503, 2
+    await s3.put(IMAGE_KEY, PNG, content_type="image/png")
+    assert [method for method, _ in fake.requests] == ["PUT"] * 3
+    fake.fail_with, fake.fail_times = 500, 1
+    assert (await s3.get(IMAGE_KEY)).data == PNG
+    fake.fail_with, fake.fail_times = 503, 3
+    with pytest.raises(S3Error, match="503"):
+        await s3.delete(IMAGE_KEY)
+    assert [method for method, _ in fake.requests].count("DELETE") == 3
 
 
 async def test_gcs_object_names_are_escaped_in_the_path(gcs: GCSStorage, fake_gcs: FakeGCS) -> None:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
 import re
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
+
+import httpx
 
 from aihub.core.errors import NotFound
 
@@ -36,6 +41,40 @@ def check_key(key: str) -> str:
     if not segments or not all(_SEGMENT.fullmatch(s) and ".." not in s for s in segments):
         raise ValueError(f"unsafe storage key {key!r}")
     return key
+
+
+_TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+
+
+@dataclass(frozen=True, slots=True)
+class Retries:
+    """How a bucket's transient failures are retried: connection errors and 408, 429 and 5xx
+    answers, up to `attempts` tries in all, with exponential backoff and full jitter from
+    `first_delay` (GCS's and S3's own guidance). Every request the backends send is idempotent:
+    an upload writes the same bytes to the same name again."""
+
+    attempts: int = 3
+    first_delay: float = 0.2
+    max_delay: float = 5.0
+
+    async def send(self, send: Callable[[], Awaitable[httpx.Response]]) -> httpx.Response:
+        """`send()`'s response: the first that is not transient, or the last one; its
+        `httpx.TransportError` once the tries are spent."""
+        for attempt in range(1, self.attempts + 1):
+            try:
+                response = await send()
+            except httpx.TransportError:
+                if attempt == self.attempts:
+                    raise
+            else:
+                if response.status_code not in _TRANSIENT_STATUSES or attempt == self.attempts:
+                    return response
+            delay = min(self.max_delay, self.first_delay * 2 ** (attempt - 1))
+            await asyncio.sleep(random.uniform(0, delay))  # noqa: S311 - jitter, not a secret
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+DEFAULT_RETRIES = Retries()
 
 
 class Storage(ABC):

@@ -24,7 +24,14 @@ import jwt
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from aihub.storage.base import ObjectNotFound, Storage, StoredObject, check_key
+from aihub.storage.base import (
+    DEFAULT_RETRIES,
+    ObjectNotFound,
+    Retries,
+    Storage,
+    StoredObject,
+    check_key,
+)
 
 DEFAULT_BASE_URL = "https://storage.googleapis.com"
 DEFAULT_TOKEN_URI = "https://oauth2.googleapis.com/token"
@@ -230,8 +237,10 @@ class GCSStorage(Storage):
         base_url: str | None = None,
         timeout: float = 30.0,
         clock: Callable[[], datetime] = _utc_now,
+        retries: Retries = DEFAULT_RETRIES,
     ) -> None:
         self.bucket, self.account, self._clock = bucket, account, clock
+        self._retries = retries
         self.base_url = (base_url or DEFAULT_BASE_URL).rstrip("/")
         self._client = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=10.0))
         self._token = _AccessToken(account, self._client, clock)
@@ -346,7 +355,7 @@ class GCSStorage(Storage):
     async def _send(self, request: httpx.Request, token: str) -> httpx.Response:
         request.headers["Authorization"] = f"Bearer {token}"
         try:
-            return await self._client.send(request)
+            return await self._retries.send(lambda: self._client.send(request))
         except httpx.HTTPError as exc:
             raise GCSError(f"GCS request failed: {type(exc).__name__}") from exc
 

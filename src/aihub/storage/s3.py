@@ -20,7 +20,14 @@ from xml.etree import ElementTree
 
 import httpx
 
-from aihub.storage.base import ObjectNotFound, Storage, StoredObject, check_key
+from aihub.storage.base import (
+    DEFAULT_RETRIES,
+    ObjectNotFound,
+    Retries,
+    Storage,
+    StoredObject,
+    check_key,
+)
 
 MAX_URL_SECONDS = 7 * 24 * 3600
 """The longest a SigV4 presigned URL may be valid."""
@@ -174,6 +181,7 @@ class S3Storage(Storage):
         path_style: bool | None = None,
         timeout: float = 30.0,
         clock: Callable[[], datetime] = _utc_now,
+        retries: Retries = DEFAULT_RETRIES,
     ) -> None:
         """`path_style` None: path-style with a custom `endpoint_url` (MinIO, R2), virtual-host
         style on AWS."""
@@ -182,6 +190,7 @@ class S3Storage(Storage):
         self.path_style = endpoint_url is not None if path_style is None else path_style
         self._signer = SigV4Signer(credentials, region)
         self._client = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=10.0))
+        self._retries = retries
 
     def bucket_url(self) -> str:
         """The bucket's URL, without a trailing slash in path style (`/` is its path else)."""
@@ -274,22 +283,26 @@ class S3Storage(Storage):
         content: bytes = b"",
         content_type: str | None = None,
     ) -> httpx.Response:
-        headers = {"content-type": content_type} if content_type else {}
-        headers = self._signer.authorize(
-            method,
-            url,
-            query=query,
-            headers=headers,
-            payload_hash=await _sha256_hex(content),
-            now=self._clock(),
-        )
-        try:
+        payload_hash = await _sha256_hex(content)
+
+        async def send() -> httpx.Response:  # signed again for each try: the time is signed too
+            headers = self._signer.authorize(
+                method,
+                url,
+                query=query,
+                headers={"content-type": content_type} if content_type else {},
+                payload_hash=payload_hash,
+                now=self._clock(),
+            )
             return await self._client.request(
                 method,
                 f"{url}?{query}" if query else url,
                 content=content or None,
                 headers=headers,
             )
+
+        try:
+            return await self._retries.send(send)
         except httpx.HTTPError as exc:
             raise S3Error(f"S3 request failed: {type(exc).__name__}") from exc
 
