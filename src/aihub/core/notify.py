@@ -115,13 +115,17 @@ class PostgresNotifier(Notifier):
             .render_as_string(hide_password=False)
         )
         self._task: asyncio.Task[None] | None = None
-        self._ready = asyncio.Event()
+        self._tried = asyncio.Event()
+        """Set once the first connection attempt has ended, whichever way."""
 
     async def start(self) -> None:
+        """Start listening; wait (up to 10 s) for the first attempt to connect, so that an
+        instance that can reach its database misses no notification from its first request on,
+        and one that cannot still starts at once (and answers `/api/ready` with 503)."""
         self._task = asyncio.create_task(self._listen(), name="aihub-notify-listener")
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(10):
-                await self._ready.wait()
+                await self._tried.wait()
 
     async def aclose(self) -> None:
         if self._task is not None:
@@ -149,6 +153,7 @@ class PostgresNotifier(Notifier):
                 conn = await asyncpg.connect(self._dsn)
             except (OSError, asyncpg.PostgresError) as exc:
                 logger.warning("LISTEN connection failed: %s", type(exc).__name__)
+                self._tried.set()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5)
                 continue
@@ -156,9 +161,9 @@ class PostgresNotifier(Notifier):
                 conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
                 await conn.add_listener(CHANNEL, self._on_notification)
                 delay = 0.1
-                if self._ready.is_set():
+                if self._tried.is_set():
                     self.dispatch_all()  # notifications sent while we were away are lost
-                self._ready.set()
+                self._tried.set()
                 await lost.wait()
                 logger.warning("LISTEN connection lost; reconnecting")
             finally:
