@@ -145,6 +145,7 @@ class FakeGemini:
                     Route("/{version}/models/{call:path}", self._models, methods=["POST"]),
                     Route("/upload/{version}/files", self._upload, methods=["POST"]),
                     Route("/{version}/files/{file_id}", self._get_file, methods=["GET"]),
+                    Route("/{version}/files/{file_id}", self._delete_file, methods=["DELETE"]),
                 ]
             ),
             lambda: self.set_cookie,
@@ -186,6 +187,7 @@ class FakeGemini:
         API hands out its own host, which a client behind a proxy must rewrite."""
         self.file_errors: dict[FileStage, ScriptedError] = {}
         self.files: dict[str, FakeFile] = {}
+        self.deleted_files: list[FakeFile] = []
         """Finalized uploads by name ("files/{id}")."""
         self.file_requests: list[ReceivedRequest] = []
         """Every file API request (upload bodies are bytes: their `json` is None)."""
@@ -399,6 +401,14 @@ class FakeGemini:
         del self._sessions[upload_id]
         self.files[file.name] = file
         return JSONResponse({"file": file.resource()}, headers={"X-Goog-Upload-Status": "final"})
+
+    async def _delete_file(self, request: Request) -> Response:
+        self.file_requests.append(_received(request, b""))
+        file = self.files.pop(f"files/{request.path_params['file_id']}", None)
+        if file is None:
+            return _no_such_file(request.path_params["file_id"])
+        self.deleted_files.append(file)
+        return JSONResponse({})
 
     async def _get_file(self, request: Request) -> Response:
         self.file_requests.append(_received(request, b""))

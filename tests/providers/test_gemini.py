@@ -369,7 +369,24 @@ async def test_a_failed_file_is_a_bad_request(
     assert isinstance(caught.value, ProviderError)
     assert caught.value.provider == "gemini"
     # FAILED in the finalize answer: no look; else each PROCESSING answer, then the FAILED one
-    assert [file.gets for file in fake_gemini.files.values()] == [polls + 1 if polls else 0]
+    assert [file.gets for file in fake_gemini.deleted_files] == [polls + 1 if polls else 0]
+    assert fake_gemini.files == {}  # deleted at once, not left to take up the project's space
+
+
+async def test_a_caller_leaving_while_the_file_processes_deletes_it(
+    provider: GeminiProvider, fake_gemini: FakeGemini
+) -> None:
+    fake_gemini.processing_polls = 1_000_000
+    upload = asyncio.create_task(
+        provider.upload_file(payload(1000), "video/mp4", display_name="clip.mp4")
+    )
+    while not any(file.gets for file in fake_gemini.files.values()):
+        await asyncio.sleep(0.01)
+    upload.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await upload
+    assert fake_gemini.files == {}
+    assert len(fake_gemini.deleted_files) == 1
 
 
 async def test_processing_has_a_deadline(fake_gemini: FakeGemini) -> None:
@@ -389,7 +406,8 @@ async def test_processing_has_a_deadline(fake_gemini: FakeGemini) -> None:
         await provider.aclose()
 
     assert time.monotonic() - started < 2
-    (file,) = fake_gemini.files.values()
+    (file,) = fake_gemini.deleted_files  # given up on, and deleted
+    assert fake_gemini.files == {}
     assert 3 <= file.gets <= 30  # a doubling pause: a handful of looks, not a busy loop
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import re
 from collections.abc import AsyncIterator, Mapping
 from contextvars import ContextVar
@@ -25,6 +26,7 @@ from datetime import datetime
 from typing import Any
 
 import aiohttp
+import anyio
 import httpx
 import httpx2
 from google import genai
@@ -80,6 +82,8 @@ _CONNECTION_ERRORS = (
     httpx2.TransportError,
     genai_errors.UnknownApiResponseError,
 )
+
+logger = logging.getLogger("aihub.providers.gemini")
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +160,11 @@ class GeminiProvider(TextProvider):
         try:
             # Reading a BytesIO is no I/O: the SDK reads it chunk by chunk between its awaits.
             file = await self._client.aio.files.upload(file=io.BytesIO(data), config=config)
-            file = await self._until_processed(file)
+            try:
+                file = await self._until_processed(file)
+            except BaseException:
+                await self._discard(file)
+                raise
         except genai_errors.APIError as exc:
             raise _api_error(exc) from exc
         except _CONNECTION_ERRORS as exc:
@@ -177,6 +185,19 @@ class GeminiProvider(TextProvider):
             name=file.name or "",
             expires_at=file.expiration_time,
         )
+
+    async def _discard(self, file: types.File) -> None:
+        """Delete an upload nobody will use (Gemini could not process it, we gave up waiting,
+        or the caller left): it would count against the project's file storage until Gemini
+        expires it, two days later. Best effort, and bounded."""
+        if not file.name:
+            return
+        try:
+            with anyio.CancelScope(shield=True):
+                async with asyncio.timeout(5):
+                    await self._client.aio.files.delete(name=file.name)
+        except Exception as exc:
+            logger.warning("could not delete an unused Gemini file: %s", type(exc).__name__)
 
     async def _until_processed(self, file: types.File) -> types.File:
         """`file` once it is no longer PROCESSING: polled with a doubling pause, up to a
