@@ -72,6 +72,8 @@ class ReceivedRequest:
     headers: dict[str, str]
     """Lower-case names."""
     json: Any
+    client_port: int | None = None
+    """The client's port: which connection the request came on."""
 
 
 async def record(request: Request) -> ReceivedRequest:
@@ -82,6 +84,7 @@ async def record(request: Request) -> ReceivedRequest:
         query=dict(request.query_params),
         headers={name.lower(): value for name, value in request.headers.items()},
         json=orjson.loads(body) if body else None,
+        client_port=request.client.port if request.client else None,
     )
 
 

@@ -296,6 +296,25 @@ async def test_the_shared_client_keeps_no_cookies(fake_openai: FakeOpenAI) -> No
     assert [r.headers.get("cookie") for r in fake_openai.requests] == [None, None, None]
 
 
+async def test_the_pool_lets_an_idle_connection_go_before_a_uvicorn_upstream_does(
+    fake_openai: FakeOpenAI,
+) -> None:
+    """uvicorn, which most OpenAI-compatible servers run on (vLLM, LiteLLM) and the fake too,
+    closes a connection after 5 s idle; a request sent on it as it closes fails. The pool
+    drops idle connections sooner, so the next request after a pause opens a new one."""
+    provider = OpenAIProvider(api_key=API_KEY, base_url=fake_openai.base_url, max_retries=0)
+    try:
+        await collect(provider)
+        await collect(provider)
+        await asyncio.sleep(4.3)
+        await collect(provider)
+    finally:
+        await provider.aclose()
+    first, again, after_a_pause = (r.client_port for r in fake_openai.requests)
+    assert first == again  # kept alive between two requests in a row
+    assert after_a_pause != first
+
+
 async def test_connection_refused_is_unavailable() -> None:
     provider = OpenAIProvider(api_key=API_KEY, base_url="http://127.0.0.1:9/v1", max_retries=0)
     try:

@@ -48,7 +48,9 @@ def _http_client() -> httpx2.AsyncClient:
     else's request. The SDK's default client keeps them (aiohttp's jar stores them, httpx2's too),
     so the aiohttp session is built here, with the connection limits the SDK's default uses.
     """
-    limits = httpx2.Limits(max_connections=1000, max_keepalive_connections=100)
+    # Idle connections go after 4 s: uvicorn, which most OpenAI-compatible servers run on (vLLM,
+    # LiteLLM), closes them after 5 s, and a request sent on one it is closing fails.
+    limits = httpx2.Limits(max_connections=1000, max_keepalive_connections=100, keepalive_expiry=4)
     ssl_context = httpx2.create_ssl_context()  # now, at start-up: it reads the CA bundle
 
     def session() -> aiohttp.ClientSession:  # built on first use, inside the event loop
