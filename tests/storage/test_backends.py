@@ -366,6 +366,8 @@ class FakeGCS:
     fail_with: int | None = None
     fail_times: int | None = None
     """How many requests `fail_with` answers (None: every one)."""
+    token_fail_times: int = 0
+    """How many token requests fail with 503 first."""
     page_size: int = 2
     requests: list[tuple[str, str]] = field(default_factory=list)
 
@@ -404,6 +406,9 @@ class FakeGCS:
         return Response(data, headers={"content-type": content_type})
 
     async def token(self, request: Request) -> Response:
+        if self.token_fail_times > 0:
+            self.token_fail_times -= 1
+            return JSONResponse({"error": "backend_error"}, 503)
         form = {k: v[0] for k, v in parse_qs((await request.body()).decode()).items()}
         assert form["grant_type"] == "urn:ietf:params:oauth:grant-type:jwt-bearer"
         claims = jwt.decode(  # leeway: some tests move aihub's clock ahead
@@ -870,6 +875,13 @@ async def test_gcs_transient_errors_are_retried_and_others_are_not(
     with pytest.raises(GCSError, match="HTTP 503"):
         await gcs.delete(IMAGE_KEY)
     assert len(fake_gcs.requests) == 3  # three tries in all
+
+
+async def test_gcs_token_requests_are_retried_too(gcs: GCSStorage, fake_gcs: FakeGCS) -> None:
+    fake_gcs.token_fail_times = 2
+    await gcs.put(IMAGE_KEY, PNG, content_type="image/png")
+    assert len(fake_gcs.tokens) == 1
+    assert fake_gcs.objects[IMAGE_KEY] == (PNG, "image/png")
 
 
 async def test_s3_transient_errors_are_retried_each_signed_anew(

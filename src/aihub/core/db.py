@@ -211,7 +211,7 @@ class AppSessions(async_sessionmaker[AsyncSession]):
             try:
                 await self.write(reversal)
             except Exception as exc:
-                logger.error("a write reversing an abandoned one failed: %s", type(exc).__name__)
+                _reversal_failed(exc)
 
     async def aclose(self) -> None:
         """Release what the sessions hold beside the engine (call before `engine.dispose()`)."""
@@ -363,7 +363,11 @@ class _SQLiteSessions(AppSessions):
 
 def _log_failure(future: asyncio.Future[Any]) -> None:
     if not future.cancelled() and (exc := future.exception()) is not None:
-        logger.error("a write reversing an abandoned one failed: %s", type(exc).__name__)
+        _reversal_failed(exc)
+
+
+def _reversal_failed(exc: BaseException) -> None:
+    logger.error("a write reversing an abandoned one failed: %s", type(exc).__name__)
 
 
 async def get_sessions(request: Request) -> AppSessions:

@@ -182,9 +182,14 @@ class _AccessToken:
     """An OAuth2 access token for the service account, renewed shortly before it expires."""
 
     def __init__(
-        self, account: ServiceAccount, client: httpx.AsyncClient, clock: Callable[[], datetime]
+        self,
+        account: ServiceAccount,
+        client: httpx.AsyncClient,
+        clock: Callable[[], datetime],
+        retries: Retries,
     ) -> None:
         self._account, self._client, self._clock = account, client, clock
+        self._retries = retries
         self._token: str | None = None
         self._expires_at = datetime.fromtimestamp(0, UTC)
         self._lock = asyncio.Lock()
@@ -209,7 +214,9 @@ class _AccessToken:
             "assertion": self._account.assertion(now),
         }
         try:
-            response = await self._client.post(self._account.token_uri, data=form)
+            response = await self._retries.send(
+                lambda: self._client.post(self._account.token_uri, data=form)
+            )
         except httpx.HTTPError as exc:
             raise GCSError(f"GCS token request failed: {type(exc).__name__}") from exc
         if response.status_code != 200:
@@ -243,7 +250,7 @@ class GCSStorage(Storage):
         self._retries = retries
         self.base_url = (base_url or DEFAULT_BASE_URL).rstrip("/")
         self._client = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=10.0))
-        self._token = _AccessToken(account, self._client, clock)
+        self._token = _AccessToken(account, self._client, clock, retries)
 
     # --- browser links ----------------------------------------------------------------------
 
