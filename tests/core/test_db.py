@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import Connection, Engine, event, text
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session
 
@@ -170,6 +170,24 @@ async def test_a_write_whose_caller_left_after_it_ran_is_undone(tmp_path: Path) 
             await caller
         await sessions.write(_add(0))  # after the reversal, which was queued first
         assert await _total(sessions) == 0
+
+
+async def test_the_sqlite_writer_reconnects_after_its_connection_broke(tmp_path: Path) -> None:
+    """The writer thread keeps one connection open between writes; once it breaks, the write
+    that found it broken fails and the next one gets a new connection."""
+
+    def break_connection(session: Session) -> int:
+        dbapi_connection = session.connection().connection.dbapi_connection
+        assert dbapi_connection is not None
+        dbapi_connection.close()  # as a file that vanished or a disk error would leave it
+        return _add(1)(session)
+
+    async with _counter_sessions(tmp_path) as (sessions, _):
+        assert await sessions.write(_add(1)) == 1
+        with pytest.raises(DBAPIError):
+            await sessions.write(break_connection)
+        assert await sessions.write(_add(1)) == 2
+        assert await _total(sessions) == 2
 
 
 @contextlib.asynccontextmanager

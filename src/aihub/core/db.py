@@ -23,7 +23,7 @@ import sqlalchemy
 from fastapi import Depends, Request
 from sqlalchemy import DateTime, MetaData, event, inspect, text
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -31,7 +31,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.sql.dml import ReturningInsert
 from sqlalchemy.types import TypeDecorator
@@ -256,8 +256,8 @@ class _SQLiteSessions(AppSessions):
         self._queued: list[_Write[Any]] = []
         self._committer: asyncio.Task[None] | None = None
         self._thread: ThreadPoolExecutor | None = None
-        self._sync: sessionmaker[Session] | None = None
-        """The writer thread's sessions, on a plain `sqlite3` connection to the same file."""
+        self._connection: Connection | None = None
+        """The writer thread's own plain `sqlite3` connection to the same file, kept open."""
 
     @asynccontextmanager
     async def begin(self) -> AsyncIterator[AsyncSession]:  # type: ignore[override]
@@ -317,7 +317,24 @@ class _SQLiteSessions(AppSessions):
 
     def _run(self, jobs: list[Job[Any]]) -> list[_Outcome]:
         """On the writer thread: the jobs in one transaction, or each in its own if that fails."""
-        if self._sync is None:
+        if len(jobs) > 1:
+            try:
+                return [_Outcome(result) for result in self._transaction(*jobs)]
+            except Exception:
+                logger.debug("a batch of %d writes failed; retrying them one by one", len(jobs))
+        outcomes = []
+        for job in jobs:
+            try:
+                outcomes.append(_Outcome(self._transaction(job)[0]))
+            except Exception as exc:
+                outcomes.append(_Outcome(error=exc))
+        return outcomes
+
+    def _transaction(self, *jobs: Job[Any]) -> list[Any]:
+        """On the writer thread: `jobs` in one transaction on its connection, which stays open
+        between transactions (a pool checkout per write cost more than a quota reservation's
+        statement)."""
+        if self._connection is None:
             engine: AsyncEngine = self.kw["bind"]
             plain = sqlalchemy.create_engine(
                 engine.url.set(drivername="sqlite"),
@@ -326,26 +343,18 @@ class _SQLiteSessions(AppSessions):
                 pool_size=1,
             )
             event.listen(plain, "connect", _sqlite_pragmas)
-            self._sync = sessionmaker(plain, expire_on_commit=False)
-        if len(jobs) > 1:
-            try:
-                with self._sync.begin() as session:
-                    return [_Outcome(job(session)) for job in jobs]
-            except Exception:
-                logger.debug("a batch of %d writes failed; retrying them one by one", len(jobs))
-        outcomes = []
-        for job in jobs:
-            try:
-                with self._sync.begin() as session:
-                    outcomes.append(_Outcome(job(session)))
-            except Exception as exc:
-                outcomes.append(_Outcome(error=exc))
-        return outcomes
+            self._connection = plain.connect()
+        # A connection that broke is invalidated, and `begin()` reconnects it.
+        with self._connection.begin(), Session(self._connection) as session:
+            results = [job(session) for job in jobs]
+            session.flush()
+            return results
 
     def _dispose(self) -> None:
-        if self._sync is not None:
-            self._sync.kw["bind"].dispose()
-            self._sync = None
+        if self._connection is not None:
+            connection, self._connection = self._connection, None
+            connection.close()
+            connection.engine.dispose()
 
     def _settle(self, write: _Write[Any], outcome: _Outcome) -> None:
         if not write.future.cancelled():
