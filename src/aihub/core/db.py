@@ -344,11 +344,10 @@ class _SQLiteSessions(AppSessions):
             )
             event.listen(plain, "connect", _sqlite_pragmas)
             self._connection = plain.connect()
-        # A connection that broke is invalidated, and `begin()` reconnects it.
-        with self._connection.begin(), Session(self._connection) as session:
-            results = [job(session) for job in jobs]
-            session.flush()
-            return results
+        # The session begins and commits the connection's transaction, as one with a pooled
+        # connection would; a connection that broke is invalidated, and reconnects then.
+        with Session(self._connection, expire_on_commit=False) as session, session.begin():
+            return [job(session) for job in jobs]
 
     def _dispose(self) -> None:
         if self._connection is not None:
