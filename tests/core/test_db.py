@@ -15,7 +15,6 @@ import pytest
 from sqlalchemy import Connection, Engine, event, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.orm import Session
 
 from aihub.core.db import AppSessions, create_engine, create_sessionmaker
 
@@ -89,9 +88,9 @@ async def _counter_sessions(tmp_path: Path) -> AsyncIterator[tuple[AppSessions, 
         await engine.dispose()
 
 
-def _add(n: int) -> Callable[[Session], int]:
-    def job(session: Session) -> int:
-        return int(session.scalar(text(f"UPDATE counter SET n = n + {n} RETURNING n")))
+def _add(n: int) -> Callable[[Connection], int]:
+    def job(connection: Connection) -> int:
+        return int(connection.scalar(text(f"UPDATE counter SET n = n + {n} RETURNING n")))
 
     return job
 
@@ -110,8 +109,8 @@ async def test_writes_that_queue_up_on_sqlite_are_committed_together(tmp_path: P
 
 
 async def test_a_failing_write_fails_alone(tmp_path: Path) -> None:
-    def clash(session: Session) -> None:
-        session.execute(text("INSERT INTO counter VALUES (1, 0)"))  # the key is taken
+    def clash(connection: Connection) -> None:
+        connection.execute(text("INSERT INTO counter VALUES (1, 0)"))  # the key is taken
 
     async with _counter_sessions(tmp_path) as (sessions, _):
         outcomes = await asyncio.gather(
@@ -128,10 +127,10 @@ async def test_a_failing_write_fails_alone(tmp_path: Path) -> None:
 async def test_a_write_whose_caller_left_before_it_ran_is_dropped(tmp_path: Path) -> None:
     running, release = threading.Event(), threading.Event()
 
-    def slow(session: Session) -> int:
+    def slow(connection: Connection) -> int:
         running.set()
         release.wait(10)  # holds the writer while the next writes queue up
-        return _add(1)(session)
+        return _add(1)(connection)
 
     async with _counter_sessions(tmp_path) as (sessions, _):
         first = asyncio.create_task(sessions.write(slow))
@@ -151,13 +150,13 @@ async def test_a_write_whose_caller_left_before_it_ran_is_dropped(tmp_path: Path
 async def test_a_write_whose_caller_left_after_it_ran_is_undone(tmp_path: Path) -> None:
     running, release = threading.Event(), threading.Event()
 
-    def reserve(session: Session) -> int:
-        n = _add(1)(session)
+    def reserve(connection: Connection) -> int:
+        n = _add(1)(connection)
         running.set()
         release.wait(10)
         return n
 
-    def give_back(n: int) -> Callable[[Session], int]:
+    def give_back(n: int) -> Callable[[Connection], int]:
         assert n == 1
         return _add(-1)
 
@@ -176,11 +175,11 @@ async def test_the_sqlite_writer_reconnects_after_its_connection_broke(tmp_path:
     """The writer thread keeps one connection open between writes; once it breaks, the write
     that found it broken fails and the next one gets a new connection."""
 
-    def break_connection(session: Session) -> int:
-        dbapi_connection = session.connection().connection.dbapi_connection
+    def break_connection(connection: Connection) -> int:
+        dbapi_connection = connection.connection.dbapi_connection
         assert dbapi_connection is not None
         dbapi_connection.close()  # as a file that vanished or a disk error would leave it
-        return _add(1)(session)
+        return _add(1)(connection)
 
     async with _counter_sessions(tmp_path) as (sessions, _):
         assert await sessions.write(_add(1)) == 1
@@ -208,10 +207,10 @@ async def _postgres_counter(engine: AsyncEngine) -> AsyncIterator[tuple[AppSessi
             await connection.execute(text(f"DROP TABLE {table}"))
 
 
-def _add_then_wait(table: str, n: int, seconds: float) -> Callable[[Session], int]:
-    def job(session: Session) -> int:
-        total = int(session.scalar(text(f"UPDATE {table} SET n = n + {n} RETURNING n")))
-        session.execute(text(f"SELECT pg_sleep({seconds})"))
+def _add_then_wait(table: str, n: int, seconds: float) -> Callable[[Connection], int]:
+    def job(connection: Connection) -> int:
+        total = int(connection.scalar(text(f"UPDATE {table} SET n = n + {n} RETURNING n")))
+        connection.execute(text(f"SELECT pg_sleep({seconds})"))
         return total
 
     return job
@@ -239,7 +238,7 @@ async def test_each_statement_of_a_write_each_is_committed_as_it_runs(
 
 
 async def test_a_write_each_whose_caller_left_is_undone(db_engine: AsyncEngine) -> None:
-    def give_back(n: int) -> Callable[[Session], int]:
+    def give_back(n: int) -> Callable[[Connection], int]:
         assert n == 1
         return _add_then_wait(table, -1, 0)
 

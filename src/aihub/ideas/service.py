@@ -11,9 +11,8 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import anyio
-from sqlalchemy import insert
+from sqlalchemy import Connection, insert
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import Session
 
 from aihub.core.db import AppSessions, utcnow
 from aihub.core.errors import AppError, NotFound
@@ -220,13 +219,13 @@ async def _save(
     ]
     values = {column.key: getattr(idea, column.key) for column in _IDEA_COLUMNS}
 
-    def write(session: Session) -> None:
+    def write(connection: Connection) -> None:
         # INSERTs, not `session.add`: the ORM's unit of work cost more CPU than the write, and
         # this runs after every idea (`bench/stream_overhead.py`).
-        session.execute(insert(Idea), [values])
-        insert_usage(session, usage_rows)
+        connection.execute(insert(Idea), [values])
+        insert_usage(connection, usage_rows)
         if provider_failed:
-            quotas.give_back(session, user_id=idea.user_id, product="ideas")
+            quotas.give_back(connection, user_id=idea.user_id, product="ideas")
 
     await sessions.write(write)
     if error:

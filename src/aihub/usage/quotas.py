@@ -18,14 +18,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal, cast
 
-from sqlalchemy import Integer, String, Table, Uuid, bindparam, case, update
+from sqlalchemy import Connection, Integer, String, Table, Uuid, bindparam, case, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import Session
 from sqlalchemy.sql.dml import ReturningInsert
 
 from aihub.core.config import Settings
-from aihub.core.db import AppSessions, Job, UTCDateTime, insert_if_absent_statement
+from aihub.core.db import AppSessions, Job, UTCDateTime, insert_if_absent_statement, run_job
 from aihub.core.errors import AppError
 from aihub.usage.models import Quota
 
@@ -94,13 +93,16 @@ async def reserve(
     what is left; `QuotaExceeded` (429) when there is not enough. None: unlimited."""
     if policy is None:
         return None
-    return await session.run_sync(
-        take, user_id=user_id, product=product, policy=policy, now=now, units=units
+    return await run_job(
+        session,
+        functools.partial(
+            take, user_id=user_id, product=product, policy=policy, now=now, units=units
+        ),
     )
 
 
 def take(
-    session: Session,
+    connection: Connection,
     *,
     user_id: uuid.UUID,
     product: Product,
@@ -108,13 +110,13 @@ def take(
     now: datetime,
     units: int = 1,
 ) -> int | None:
-    """`reserve` as synchronous work on a session (an `AppSessions.write` job)."""
+    """`reserve` as synchronous work on a connection (an `AppSessions.write` job)."""
     if policy is None:
         return None
     if units > policy.initial:
         # The insert branch below would start the row below zero: create it untouched first.
-        _start_balance(session, user_id, product, policy.initial, now)
-    statement = _reserve_statement(session.get_bind().dialect.name)
+        _start_balance(connection, user_id, product, policy.initial, now)
+    statement = _reserve_statement(connection.dialect.name)
     parameters = {
         "user_id": user_id,
         "product": product,
@@ -124,9 +126,9 @@ def take(
         "now": now,
         "cutoff": now - PERIOD,
     }
-    remaining = session.execute(statement, parameters).scalar_one_or_none()
+    remaining = connection.execute(statement, parameters).scalar_one_or_none()
     if remaining is None:
-        current = balance(session, user_id=user_id, product=product, policy=policy, now=now)
+        current = balance(connection, user_id=user_id, product=product, policy=policy, now=now)
         assert current.next_reset_at is not None
         wait = math.ceil((current.next_reset_at - now).total_seconds())
         # Clamped: a concurrent request that began a moment later may have started the period.
@@ -149,9 +151,9 @@ async def reserve_with(
     if policy is None:
         return
 
-    def taken(session: Session) -> QuotaExceeded | None:
+    def taken(connection: Connection) -> QuotaExceeded | None:
         try:
-            take(session, user_id=user_id, product=product, policy=policy, now=now, units=units)
+            take(connection, user_id=user_id, product=product, policy=policy, now=now, units=units)
         except QuotaExceeded as exc:
             return exc  # an answer, not a failure: nothing was written
         return None
@@ -198,12 +200,12 @@ def _reserve_statement(dialect: str) -> ReturningInsert[Any]:
 
 
 def _start_balance(
-    session: Session, user_id: uuid.UUID, product: Product, remaining: int, now: datetime
+    connection: Connection, user_id: uuid.UUID, product: Product, remaining: int, now: datetime
 ) -> None:
     """A new balance, unless the user already has one for this product."""
-    session.execute(
+    connection.execute(
         insert_if_absent_statement(
-            session,
+            connection,
             Quota,
             user_id=user_id,
             product=product,
@@ -217,12 +219,16 @@ async def refund(
     session: AsyncSession, *, user_id: uuid.UUID, product: Product, units: int = 1
 ) -> None:
     """Give back units reserved for a call that failed or was not charged."""
-    await session.run_sync(give_back, user_id=user_id, product=product, units=units)
+    await run_job(
+        session, functools.partial(give_back, user_id=user_id, product=product, units=units)
+    )
 
 
-def give_back(session: Session, *, user_id: uuid.UUID, product: Product, units: int = 1) -> None:
-    """`refund` as synchronous work on a session (an `AppSessions.write` job)."""
-    session.execute(
+def give_back(
+    connection: Connection, *, user_id: uuid.UUID, product: Product, units: int = 1
+) -> None:
+    """`refund` as synchronous work on a connection (an `AppSessions.write` job)."""
+    connection.execute(
         update(Quota)
         .where(Quota.user_id == user_id, Quota.product == product)
         .values(remaining=Quota.remaining + units)
@@ -238,21 +244,28 @@ async def get_balance(
     now: datetime,
 ) -> Balance:
     """The balance the next request would see (a due top-up counted, nothing written)."""
-    return await session.run_sync(balance, user_id=user_id, product=product, policy=policy, now=now)
+    return await run_job(
+        session,
+        functools.partial(balance, user_id=user_id, product=product, policy=policy, now=now),
+    )
 
 
 def balance(
-    session: Session,
+    connection: Connection,
     *,
     user_id: uuid.UUID,
     product: Product,
     policy: QuotaPolicy | None,
     now: datetime,
 ) -> Balance:
-    """`get_balance` as synchronous work on a session."""
+    """`get_balance` as synchronous work on a connection."""
     if policy is None:
         return Balance(None, None, None)
-    row = session.get(Quota, (user_id, product), populate_existing=True)
+    row = connection.execute(
+        select(Quota.remaining, Quota.last_reset_at).where(
+            Quota.user_id == user_id, Quota.product == product
+        )
+    ).first()
     if row is None:
         return Balance(policy.initial, None, None)
     remaining, last_reset_at = row.remaining, row.last_reset_at
@@ -271,4 +284,13 @@ async def grant_initial(
     """Create a new user's balances (the Clerk webhook does; first use would otherwise)."""
     for product, policy in policies.items():
         if policy is not None:
-            await session.run_sync(_start_balance, user_id, product, policy.initial, now)
+            await run_job(
+                session,
+                functools.partial(
+                    _start_balance,
+                    user_id=user_id,
+                    product=product,
+                    remaining=policy.initial,
+                    now=now,
+                ),
+            )

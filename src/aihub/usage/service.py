@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NotRequired, TypedDict, Unpack
 
-from sqlalchemy import case, func, insert, select
+from sqlalchemy import Connection, case, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
@@ -54,11 +54,11 @@ def record_usage(session: AsyncSession | Session, **fields: Unpack[UsageFields])
     return record
 
 
-def insert_usage(session: Session, rows: list[dict[str, Any]]) -> None:
+def insert_usage(connection: Connection, rows: list[dict[str, Any]]) -> None:
     """Write `usage_row`s with one INSERT, outside the ORM's unit of work (which, for the
     stream products' rows, cost more CPU than the write)."""
     if rows:
-        session.execute(insert(UsageRecord), rows)
+        connection.execute(insert(UsageRecord), rows)
 
 
 def failed_attempt_rows(
