@@ -24,7 +24,7 @@ from aihub.core.config import Settings
 from aihub.core.db import create_engine, create_sessionmaker, utcnow
 from aihub.core.errors import install_error_handlers
 from aihub.core.metrics import metrics_endpoint
-from aihub.core.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
+from aihub.core.middleware import BodySizeLimitMiddleware, InFlight, RequestContextMiddleware
 from aihub.core.notify import create_notifier
 from aihub.core.ratelimit import MemoryRateLimiter, RedisRateLimiter, parse_networks
 from aihub.images.worker import ImageWorker, WorkerSettings
@@ -59,6 +59,10 @@ TAGS = [
     {"name": "webhooks", "description": "Clerk's user events, verified by their svix signature."},
     {"name": "health", "description": "Liveness, readiness and metrics."},
 ]
+
+
+SHUTDOWN_CLEAN_UP_SECONDS = 5.0
+"""How long a stopping server waits for cancelled requests to store what they had."""
 
 
 def create_app(settings: Settings, *, freeze_gc: bool = False, clock: Clock = utcnow) -> FastAPI:
@@ -99,7 +103,8 @@ def create_app(settings: Settings, *, freeze_gc: bool = False, clock: Clock = ut
         expose_headers=["X-Request-ID", "Retry-After", "X-AIHub-Provider", "Idempotent-Replayed"],
         max_age=600,
     )
-    app.add_middleware(RequestContextMiddleware)
+    app.state.in_flight = InFlight()
+    app.add_middleware(RequestContextMiddleware, in_flight=app.state.in_flight)
     return app
 
 
@@ -197,6 +202,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        # Requests the server cancelled on its way out are still storing what they had.
+        if unfinished := await app.state.in_flight.drained(SHUTDOWN_CLEAN_UP_SECONDS):
+            logger.warning("stopping with %d requests still cleaning up", unfinished)
         janitor.cancel()
         await app.state.chat_summaries.aclose()
         if worker is not None:

@@ -27,7 +27,7 @@ from aihub.chats.models import Chat, ChatMessage, ChatMessageFile
 from aihub.core.db import utcnow
 from aihub.core.errors import NotFound, Unprocessable
 from aihub.core.pagination import page_newest_first
-from aihub.core.sse import StreamEvent
+from aihub.core.sse import StreamEvent, stop_reason
 from aihub.providers.base import (
     Citation,
     FileRefPart,
@@ -445,6 +445,7 @@ class _Recorder:
             yield StreamEvent("meta", {"chat_id": str(self.chat_id)})
         error: ProviderError | None = None
         finished = False
+        stopped: str | None = None
         try:
             async for event in self.opened:
                 if isinstance(event, TextDelta):
@@ -459,10 +460,13 @@ class _Recorder:
             finished = True
         except ProviderError as exc:
             error = exc
+        except BaseException as exc:
+            stopped = stop_reason(exc)
+            raise
         finally:
             with anyio.CancelScope(shield=True):
                 await self.opened.aclose()  # a client that left stops the spend
-                message_id = await self._save(finished, error)
+                message_id = await self._save(finished, error, stopped)
         if error is not None:
             yield StreamEvent(
                 "error",
@@ -482,7 +486,9 @@ class _Recorder:
             },
         )
 
-    async def _save(self, finished: bool, error: ProviderError | None) -> uuid.UUID | None:
+    async def _save(
+        self, finished: bool, error: ProviderError | None, stopped: str | None
+    ) -> uuid.UUID | None:
         text = "".join(self.text)
         latency_ms = round((time.perf_counter() - self.started) * 1000)
         message_id: uuid.UUID | None = None
@@ -504,7 +510,7 @@ class _Recorder:
                             input_tokens=self.usage.input_tokens if self.usage else None,
                             output_tokens=self.usage.output_tokens if self.usage else None,
                             citations=self.citations or None,
-                            error=error.code if error else (None if finished else "disconnected"),
+                            error=error.code if error else stopped,
                         )
                     )
                 elif not finished:

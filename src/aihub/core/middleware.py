@@ -5,10 +5,12 @@ Pure ASGI (never `BaseHTTPMiddleware`) so that streams pass through untouched an
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
 from collections.abc import Mapping
+from typing import Any
 
 import orjson
 from starlette.exceptions import HTTPException
@@ -24,16 +26,40 @@ RESPONSE_STARTED = "aihub.response_started"
 `send` themselves (every wrapper costs every chunk of every stream)."""
 
 
-class RequestContextMiddleware:
-    """Gives each request an id (or keeps a sane incoming `X-Request-ID`), logs and times it."""
+class InFlight:
+    """The requests being served. A server that stops cancels the ones that outlive its
+    graceful timeout; their clean-up (a stream storing its partial answer, a reservation given
+    back) must finish before what it uses is closed: `drained` waits for it."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def add(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def drained(self, seconds: float) -> int:
+        """Wait up to `seconds` for every request to end; how many did not."""
+        if not self._tasks:
+            return 0
+        _, pending = await asyncio.wait(set(self._tasks), timeout=seconds)
+        return len(pending)
+
+
+class RequestContextMiddleware:
+    """Gives each request an id (or keeps a sane incoming `X-Request-ID`), logs and times it,
+    and counts it in `in_flight`."""
+
+    def __init__(self, app: ASGIApp, in_flight: InFlight | None = None) -> None:
         self.app = app
+        self.in_flight = in_flight
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if self.in_flight is not None and (task := asyncio.current_task()) is not None:
+            self.in_flight.add(task)
         request_id = _incoming_request_id(scope) or secrets.token_hex(8)
         token = request_id_var.set(request_id)
         started = time.perf_counter()

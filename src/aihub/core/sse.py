@@ -201,6 +201,28 @@ class TextEncoder:
 # --- the response ------------------------------------------------------------------------------
 
 
+CLIENT_LEFT = "aihub: the client left"
+"""The message a stream's task is cancelled with when its client disconnects."""
+
+INTERRUPTED = "The server stopped before the reply was complete; please try again"
+
+
+StopReason = Literal["client_disconnected", "interrupted", "internal_error"]
+STOP_REASONS: tuple[StopReason, ...] = ("client_disconnected", "interrupted", "internal_error")
+
+
+def stop_reason(exc: BaseException) -> StopReason:
+    """Why a stream stopped early, when the provider did not fail it: `client_disconnected` (the
+    disconnect watchers cancel with `CLIENT_LEFT`; a response that could not be sent closes its
+    stream), `interrupted` (cancelled by anyone else: the server is stopping), or
+    `internal_error`."""
+    if isinstance(exc, GeneratorExit):
+        return "client_disconnected"
+    if isinstance(exc, asyncio.CancelledError):
+        return "client_disconnected" if CLIENT_LEFT in exc.args else "interrupted"
+    return "internal_error"
+
+
 class ClientDisconnected(AppError):
     """The client left before the stream began (nginx's 499: nobody reads this answer)."""
 
@@ -225,7 +247,7 @@ async def unless_disconnected(request: Request, opening: Awaitable[T]) -> T:
         nonlocal gone
         await _disconnected(request)
         gone = True
-        task.cancel()
+        task.cancel(CLIENT_LEFT)
 
     watcher = asyncio.create_task(watch())
     try:
@@ -252,19 +274,28 @@ def stream_response(
     started_at: float | None = None,
     keepalive_seconds: float = 15.0,
     headers: Mapping[str, str] | None = None,
+    say_interrupted: bool = True,
 ) -> Response:
     """Stream `events` through `encoder`.
 
     A client that goes away cancels the producer at its current `await`: its `finally` and
-    `except` blocks run (shield any database work there with `anyio.CancelScope(shield=True)`).
+    `except` blocks run (shield any database work there with `anyio.CancelScope(shield=True)`),
+    and `stop_reason` tells them why. So does a server that stops before the stream ends; the
+    client is then sent an `error` event (`say_interrupted`) and a clean end, since a stream
+    that is just cut off looks complete to some clients (the ideas client's Markdown).
     """
     body = _encoded(events, encoder, product, provider, started_at or time.perf_counter())
+
+    def farewell() -> bytes:
+        return encoder.encode(StreamEvent.error("interrupted", INTERRUPTED))
+
     return EventStream(
         body,
         media_type=encoder.media_type,
         headers={**STREAM_HEADERS, **(headers or {})},
         keepalive=encoder.keepalive(),
         keepalive_seconds=keepalive_seconds,
+        farewell=farewell if say_interrupted else None,
     )
 
 
@@ -287,9 +318,12 @@ class EventStream(StreamingResponse):
         headers: Mapping[str, str],
         keepalive: bytes | None,
         keepalive_seconds: float,
+        farewell: Callable[[], bytes] | None = None,
     ) -> None:
         super().__init__(body, media_type=media_type, headers=headers)
         self._body = body
+        self._farewell = farewell
+        """What to send before ending a stream the server stops (not its client)."""
         self._keepalive = keepalive if keepalive_seconds > 0 else None
         self._keepalive_seconds = keepalive_seconds
         self._last_sent = 0.0
@@ -315,8 +349,14 @@ class EventStream(StreamingResponse):
             self._finished = True
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
-            if self._client_left and task.uncancel() == 0:
-                return  # nobody is left to answer
+            if not self._client_left:
+                # The server is stopping (uvicorn cancels what outlives its graceful timeout):
+                # end the reply visibly, then let the task end as if it had finished.
+                if self._farewell is None or self._finished:
+                    raise
+                await self._say_interrupted(send)
+            if task.uncancel() == 0:
+                return
             raise
         except OSError:
             return  # the client's connection broke mid-send: it has left
@@ -324,6 +364,15 @@ class EventStream(StreamingResponse):
             self._finished = True
             watcher.cancel()
             await self._body.aclose()
+
+    async def _say_interrupted(self, send: Send) -> None:
+        assert self._farewell is not None
+        self._finished = True
+        try:
+            await send({"type": "http.response.body", "body": self._farewell(), "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:
+            pass  # the client is gone too
 
     async def _watch(self, receive: Receive, send: Send, stream: asyncio.Task[None]) -> None:
         loop = asyncio.get_running_loop()
@@ -351,7 +400,7 @@ class EventStream(StreamingResponse):
             if message["type"] == "http.disconnect":
                 if not self._finished:
                     self._client_left = True
-                    stream.cancel()
+                    stream.cancel(CLIENT_LEFT)
                 return
 
 

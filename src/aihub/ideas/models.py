@@ -24,5 +24,6 @@ class Idea(IdMixin, TimestampMixin, Base):
     output_tokens: Mapped[int | None]
     finish_reason: Mapped[str | None] = mapped_column(String(40))
     error: Mapped[str | None] = mapped_column(String(80))
-    """Why an incomplete idea stopped: an error code, or "client_disconnected"."""
+    """Why an incomplete idea stopped: the provider's error code, or a `core.sse.stop_reason`
+    ("client_disconnected", "interrupted" when the server stopped, "internal_error")."""
     completed_at: Mapped[datetime]

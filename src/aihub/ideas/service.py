@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from aihub.core.db import AppSessions, utcnow
 from aihub.core.errors import AppError, NotFound
 from aihub.core.pagination import page_newest_first
-from aihub.core.sse import StreamEvent
+from aihub.core.sse import STOP_REASONS, StreamEvent, stop_reason
 from aihub.ideas.models import Idea
 from aihub.providers.base import Finish, Message, ProviderError, TextDelta, TextRequest, Usage
 from aihub.providers.routing import FailedAttempt, ModelChain, OpenedStream
@@ -159,8 +159,7 @@ async def _idea_events(
         if not saved:
             # Keep what was produced: the client went away (the stream was cancelled or closed),
             # or something broke that is not the provider's doing.
-            gone = isinstance(exc, asyncio.CancelledError | GeneratorExit)
-            error = None if finished else "client_disconnected" if gone else "internal_error"
+            error = None if finished else stop_reason(exc)
             with anyio.CancelScope(shield=True):
                 await opened.aclose()
                 await _save(
@@ -201,7 +200,7 @@ async def _save(
     idea.finish_reason = draft.finish_reason
     idea.error = error
     idea.completed_at = utcnow()
-    provider_failed = error is not None and error not in ("client_disconnected", "internal_error")
+    provider_failed = error is not None and error not in STOP_REASONS
 
     usage_rows = [
         *failed_attempt_rows(user_id=idea.user_id, product="ideas", attempts=failed),

@@ -238,6 +238,9 @@ async def stream_job(
         JSONEventEncoder(keepalive_event="keepalive"),
         product="images",
         keepalive_seconds=settings.sse_keepalive_seconds,
+        # Here `error` says the job failed; a server that stops ends only this view of a job
+        # that goes on (the client can follow it again, from where it was, on another).
+        say_interrupted=False,
     )
 
 
