@@ -25,6 +25,7 @@ from aihub.main import create_app
 from tests.factories import bearer, create_user
 from tests.fakes.gemini import FakeGemini
 from tests.fakes.openai import DEFAULT_TEXT, FakeOpenAI
+from tests.fakes.replicate import FakeReplicate
 from tests.fakes.server import serve
 from tests.sse_clients import fetch_event_source_messages, markdown_buffer
 
@@ -159,3 +160,31 @@ async def test_a_chat_reply_the_server_stops_says_so_and_is_stored(
         ).all()
     assert [(status, error) for status, error, _ in replies] == [("incomplete", "interrupted")]
     assert replies[0].content.startswith(streamed)
+
+
+async def test_an_image_job_stream_the_server_stops_just_ends(
+    make_settings: Callable[..., Settings],
+    fake_replicate: FakeReplicate,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An `error` event would say the job failed, and it goes on: the stream just ends, cleanly
+    (an EventSource reconnects, with Last-Event-ID, to an instance that is up)."""
+    fake_replicate.image_delay = 10
+    async with stoppable(make_settings()) as (client, stop):
+        _, token = await create_user(client)
+        job = await client.post(
+            "/api/generate/", json={"prompt": "a fox", "num_images": 1}, headers=bearer(token)
+        )
+        body = b""
+        async with client.stream("GET", f"/api/generate/{job.json()['job_id']}/stream") as response:
+            chunks = response.aiter_bytes()  # kept: dropping it would close the response
+            body += await anext(chunks)
+            stopping = asyncio.create_task(stop())
+            async for chunk in chunks:
+                body += chunk
+            await stopping
+
+    assert b"event: progress" in body
+    assert b"event: error" not in body
+    assert b"event: done" not in body
+    assert "Exception in ASGI application" not in caplog.text

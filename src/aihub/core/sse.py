@@ -281,12 +281,14 @@ def stream_response(
     A client that goes away cancels the producer at its current `await`: its `finally` and
     `except` blocks run (shield any database work there with `anyio.CancelScope(shield=True)`),
     and `stop_reason` tells them why. So does a server that stops before the stream ends; the
-    client is then sent an `error` event (`say_interrupted`) and a clean end, since a stream
-    that is just cut off looks complete to some clients (the ideas client's Markdown).
+    client is then sent an `error` event (unless not `say_interrupted`) and a clean end, since a
+    stream that is just cut off looks complete to some clients (the ideas client's Markdown).
     """
     body = _encoded(events, encoder, product, provider, started_at or time.perf_counter())
 
     def farewell() -> bytes:
+        if not say_interrupted:
+            return b""
         return encoder.encode(StreamEvent.error("interrupted", INTERRUPTED))
 
     return EventStream(
@@ -295,7 +297,7 @@ def stream_response(
         headers={**STREAM_HEADERS, **(headers or {})},
         keepalive=encoder.keepalive(),
         keepalive_seconds=keepalive_seconds,
-        farewell=farewell if say_interrupted else None,
+        farewell=farewell,
     )
 
 
@@ -335,6 +337,7 @@ class EventStream(StreamingResponse):
         assert task is not None
         loop = asyncio.get_running_loop()
         watcher = loop.create_task(self._watch(receive, send, task))
+        started = False
         try:
             await send(
                 {
@@ -343,6 +346,7 @@ class EventStream(StreamingResponse):
                     "headers": self.raw_headers,
                 }
             )
+            started = True
             async for chunk in self._body:
                 self._last_sent = loop.time()
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -352,7 +356,7 @@ class EventStream(StreamingResponse):
             if not self._client_left:
                 # The server is stopping (uvicorn cancels what outlives its graceful timeout):
                 # end the reply visibly, then let the task end as if it had finished.
-                if self._farewell is None or self._finished:
+                if self._finished or not started:
                     raise
                 await self._say_interrupted(send)
             if task.uncancel() == 0:
@@ -366,10 +370,10 @@ class EventStream(StreamingResponse):
             await self._body.aclose()
 
     async def _say_interrupted(self, send: Send) -> None:
-        assert self._farewell is not None
         self._finished = True
         try:
-            await send({"type": "http.response.body", "body": self._farewell(), "more_body": True})
+            if self._farewell is not None and (farewell := self._farewell()):
+                await send({"type": "http.response.body", "body": farewell, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:
             pass  # the client is gone too

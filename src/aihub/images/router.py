@@ -238,8 +238,8 @@ async def stream_job(
         JSONEventEncoder(keepalive_event="keepalive"),
         product="images",
         keepalive_seconds=settings.sse_keepalive_seconds,
-        # Here `error` says the job failed; a server that stops ends only this view of a job
-        # that goes on (the client can follow it again, from where it was, on another).
+        # Here `error` says the job failed; a server that stops just ends this view of a job
+        # that goes on (an EventSource reconnects, with Last-Event-ID, to another instance).
         say_interrupted=False,
     )
 
