@@ -27,7 +27,7 @@ from aihub.chats.models import Chat, ChatMessage, ChatMessageFile
 from aihub.core.db import utcnow
 from aihub.core.errors import NotFound, Unprocessable
 from aihub.core.pagination import page_newest_first
-from aihub.core.sse import StreamEvent, stop_reason
+from aihub.core.sse import StopReason, StreamEvent, stop_reason
 from aihub.providers.base import (
     Citation,
     FileRefPart,
@@ -445,7 +445,7 @@ class _Recorder:
             yield StreamEvent("meta", {"chat_id": str(self.chat_id)})
         error: ProviderError | None = None
         finished = False
-        stopped: str | None = None
+        stopped: StopReason | None = None
         try:
             async for event in self.opened:
                 if isinstance(event, TextDelta):
@@ -487,7 +487,7 @@ class _Recorder:
         )
 
     async def _save(
-        self, finished: bool, error: ProviderError | None, stopped: str | None
+        self, finished: bool, error: ProviderError | None, stopped: StopReason | None
     ) -> uuid.UUID | None:
         text = "".join(self.text)
         latency_ms = round((time.perf_counter() - self.started) * 1000)
