@@ -28,7 +28,7 @@ from collections.abc import (
     Mapping,
 )
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar, get_args
 
 import orjson
 from starlette.requests import Request
@@ -208,7 +208,7 @@ INTERRUPTED = "The server stopped before the reply was complete; please try agai
 
 
 StopReason = Literal["client_disconnected", "interrupted", "internal_error"]
-STOP_REASONS: tuple[StopReason, ...] = ("client_disconnected", "interrupted", "internal_error")
+STOP_REASONS: tuple[StopReason, ...] = get_args(StopReason)
 
 
 def stop_reason(exc: BaseException) -> StopReason:
@@ -287,8 +287,6 @@ def stream_response(
     body = _encoded(events, encoder, product, provider, started_at or time.perf_counter())
 
     def farewell() -> bytes:
-        if not say_interrupted:
-            return b""
         return encoder.encode(StreamEvent.error("interrupted", INTERRUPTED))
 
     return EventStream(
@@ -297,7 +295,7 @@ def stream_response(
         headers={**STREAM_HEADERS, **(headers or {})},
         keepalive=encoder.keepalive(),
         keepalive_seconds=keepalive_seconds,
-        farewell=farewell,
+        farewell=farewell if say_interrupted else None,
     )
 
 
@@ -325,7 +323,8 @@ class EventStream(StreamingResponse):
         super().__init__(body, media_type=media_type, headers=headers)
         self._body = body
         self._farewell = farewell
-        """What to send before ending a stream the server stops (not its client)."""
+        """What to send before ending a stream the server stops (not its client); None: just
+        end it."""
         self._keepalive = keepalive if keepalive_seconds > 0 else None
         self._keepalive_seconds = keepalive_seconds
         self._last_sent = 0.0
@@ -372,8 +371,10 @@ class EventStream(StreamingResponse):
     async def _say_interrupted(self, send: Send) -> None:
         self._finished = True
         try:
-            if self._farewell is not None and (farewell := self._farewell()):
-                await send({"type": "http.response.body", "body": farewell, "more_body": True})
+            if self._farewell is not None:
+                await send(
+                    {"type": "http.response.body", "body": self._farewell(), "more_body": True}
+                )
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:
             pass  # the client is gone too
