@@ -15,7 +15,12 @@ from aihub.core.sse import (
     TextEncoder,
     stream_response,
 )
-from tests.sse_clients import event_source_events, fetch_event_source_messages, markdown_buffer
+from tests.sse_clients import (
+    assert_same_markdown,
+    event_source_events,
+    fetch_event_source_messages,
+    markdown_buffer,
+)
 
 MARKDOWN = (
     "# Agent Ledger\n\n*Bookkeeping agents.*\n\n## The problem\n\n"
@@ -36,10 +41,23 @@ def random_chunks(text: str, rng: random.Random) -> list[str]:
 
 
 @pytest.mark.parametrize("seed", range(200))
-def test_markdown_survives_any_chunking_byte_for_byte(seed: int) -> None:
+def test_markdown_survives_any_chunking(seed: int) -> None:
     rng = random.Random(seed)
     chunks = random_chunks(MARKDOWN, rng)
-    assert markdown_buffer(encode_markdown(chunks)) == MARKDOWN
+    assert_same_markdown(markdown_buffer(encode_markdown(chunks)), MARKDOWN)
+
+
+@pytest.mark.parametrize("seed", range(50))
+def test_markdown_sends_every_delta_the_moment_it_arrives(seed: int) -> None:
+    """Nothing is held back but trailing spaces, tabs and backslashes (which render as nothing
+    until more text follows)."""
+    chunks = random_chunks(MARKDOWN, random.Random(seed))
+    encoder = MarkdownEventEncoder()
+    sent = b""
+    for count, chunk in enumerate(chunks, start=1):
+        sent += encoder.encode(StreamEvent.delta(chunk))
+        text_so_far = "".join(chunks[:count]).rstrip(" \t\\")
+        assert_same_markdown(markdown_buffer(sent.decode()), text_so_far)
 
 
 @pytest.mark.parametrize(
@@ -54,7 +72,29 @@ def test_markdown_survives_any_chunking_byte_for_byte(seed: int) -> None:
     ],
 )
 def test_markdown_tokens_that_start_or_are_newlines(chunks: list[str]) -> None:
-    assert markdown_buffer(encode_markdown(chunks)) == "".join(chunks)
+    assert_same_markdown(markdown_buffer(encode_markdown(chunks)), "".join(chunks))
+
+
+@pytest.mark.parametrize(
+    ("chunks", "rendered"),
+    [
+        # A newline that starts a delta ends its line with one space, as the original app did.
+        (["#", " Title", "\n\n", "##", " Sub"], "# Title \n\n## Sub"),
+        (["a", "\n", "\n", "b"], "a \n \nb"),
+        (["a\n\nb"], "a\n\nb"),
+        # Never a second space (a hard line break), nor one after a backslash (which would undo
+        # the hard line break it makes); a hard line break the model wrote is kept as written.
+        (["word ", "\n", "next"], "word \nnext"),
+        (["two  ", "\n", "lines"], "two  \nlines"),
+        (["back\\", "\n", "slash"], "back\\\nslash"),
+        (["tab\t", "\n", "x"], "tab\t\nx"),
+        # Newlines before the first character render as nothing and are not sent.
+        (["\n\n", "\n# Title"], "# Title"),
+        (["  ", "\n", "x"], "  \nx"),
+    ],
+)
+def test_markdown_framing_adds_at_most_one_harmless_space(chunks: list[str], rendered: str) -> None:
+    assert markdown_buffer(encode_markdown(chunks)) == rendered
 
 
 def test_markdown_stream_ends_with_done_carrying_empty_data() -> None:
@@ -69,12 +109,12 @@ def test_markdown_error_mid_stream_is_one_readable_line() -> None:
     raw = encode_markdown(
         ["Hello", " wor"], end=StreamEvent.error("provider_unavailable", "Provider down")
     )
-    assert markdown_buffer(raw) == "Hello wor\n\n**Error:** Provider down\n"
+    assert markdown_buffer(raw) == "Hello wor \n\n**Error:** Provider down\n"
     assert "event: done" not in raw
 
 
 def test_carriage_returns_become_newlines() -> None:
-    assert markdown_buffer(encode_markdown(["a\r\nb", "\rc"])) == "a\nb\nc"
+    assert_same_markdown(markdown_buffer(encode_markdown(["a\r\nb", "\rc"])), "a\nb\nc")
 
 
 def test_json_events_have_names_ids_and_one_line_data() -> None:
@@ -106,10 +146,10 @@ def test_text_encoder_marks_a_cut_reply() -> None:
 
 def test_markdown_usage_event_releases_the_held_text() -> None:
     encoder = MarkdownEventEncoder()
-    held = encoder.encode(StreamEvent.delta("Hello"))
-    assert markdown_buffer(held.decode()) == "Hell"
+    sent = encoder.encode(StreamEvent.delta("Hello  "))
+    assert markdown_buffer(sent.decode()) == "Hello"
     released = encoder.encode(StreamEvent("usage", {"input_tokens": 1, "output_tokens": 1}))
-    assert markdown_buffer((held + released).decode()) == "Hello"
+    assert markdown_buffer((sent + released).decode()) == "Hello  "
     assert encoder.encode(StreamEvent("done", {})) == b"event: done\ndata:\n\n"
 
 

@@ -75,52 +75,60 @@ class Encoder(Protocol):
 
 @dataclass
 class MarkdownEventEncoder:
-    """Markdown as SSE data lines that survive fetch-event-source byte for byte.
+    """Markdown as SSE data lines that the original client renders as the model wrote it.
 
     The client appends each event's data to its buffer. An event's data is its data lines joined
-    by `\\n`, except that leading empty lines are dropped, so no event may *start* with a newline.
-    The encoder therefore holds back the last visible character of each delta (and any newlines
-    after it) and sends it at the head of the next event, so the concatenation is exactly the
-    model's text. The cost: that character reaches the client one delta later. The exceptions:
-    newlines before the first visible character of the whole text cannot be represented (they
-    do not change the rendered Markdown), and line breaks are normalised to `\\n` (a `\\r`
-    would end an SSE line).
+    by `\\n`, except that leading empty lines are dropped, so a newline that *starts* an event
+    would be lost (the model's `\\n\\n` before a heading is a token of its own). Such an event
+    starts with one space instead (`data:  ` then `data: ...`), which ends the previous line with
+    a space: the original app's framing, which did this before every line break. Every delta is
+    sent the moment it arrives; what the client renders is the model's Markdown, because
+    CommonMark ignores one trailing space. Two would be a hard line break, and a space after a
+    trailing backslash would undo one, so trailing spaces, tabs and backslashes are held back and
+    sent at the head of the next event (where they also make its first line non-empty), and only
+    a line that ends in another character ever gets the space. The other exceptions: newlines
+    before the first character of the whole text are not sent (they do not change the rendered
+    Markdown), and line breaks are normalised to `\\n` (a `\\r` would end an SSE line).
+    `?format=json` carries the text exactly, for clients that want it.
     """
 
     media_type: str = "text/event-stream"
     _held: str = ""
+    _started: bool = False
+    """Whether any text has been sent: a newline before it needs no line to end."""
 
     def encode(self, event: StreamEvent) -> bytes:
         if event.kind == "delta":
             return self._frame(str(event.data))
         if event.kind == "usage":
-            return self._flush()  # the text is complete: nothing is left to hold back for
+            return self._frame("", hold=False)  # the text is complete
         if event.kind == "done":
-            return self._flush() + b"event: done\ndata:\n\n"
+            return self._frame("", hold=False) + b"event: done\ndata:\n\n"
         if event.kind == "error":
             message = str(event.data.get("message", "The stream failed"))
-            text = ("\n\n" if self._held else "") + f"**Error:** {message}\n"
-            self._held += _normalise(text)
-            return self._flush(event="error")
+            lead = "\n\n" if self._started or self._held else ""
+            return self._frame(f"{lead}**Error:** {message}\n", hold=False, event="error")
         return b""
 
     def keepalive(self) -> bytes | None:
         return b": keep-alive\n\n"
 
-    def _frame(self, text: str) -> bytes:
+    def _frame(self, text: str, *, hold: bool = True, event: str | None = None) -> bytes:
         pending = self._held + _normalise(text)
-        cut = len(pending.rstrip("\n")) - 1
-        if cut <= 0:
-            self._held = pending
-            return b""
+        if not self._started:
+            pending = pending.lstrip("\n")
+        elif pending.startswith("\n"):
+            pending = " " + pending
+        cut = len(pending.rstrip(_HELD)) if hold else len(pending)
         self._held = pending[cut:]
-        return _markdown_event(pending[:cut])
-
-    def _flush(self, event: str | None = None) -> bytes:
-        held, self._held = self._held, ""
-        if not held:
+        if not cut:
             return b""
-        return _markdown_event(held, event)
+        self._started = True
+        return _markdown_event(pending[:cut], event)
+
+
+_HELD = " \t\\"
+"""What the Markdown framing holds back at the end of a delta (see `MarkdownEventEncoder`)."""
 
 
 def _normalise(text: str) -> str:

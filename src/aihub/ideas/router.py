@@ -28,8 +28,9 @@ router = APIRouter(tags=["ideas"])
 _STREAM_DESCRIPTION = """Streams a new business idea in Markdown.
 
 By default the stream is framed for the original frontend (`@microsoft/fetch-event-source`
-appending each event's data): the concatenated data is the model's text byte for byte, and the
-stream ends with `event: done` carrying empty data. Errors, before or during the stream, arrive
+appending each event's data), each delta sent as it arrives: the concatenated data is the
+model's Markdown, where a line may end in one space more (an event cannot start with a newline),
+and the stream ends with `event: done` carrying empty data. Errors, before or during the stream, arrive
 as `text/event-stream` with one readable Markdown line.
 
 `?format=json` gives named events instead: `delta` `{"text"}`, then `done` with the stored idea's
