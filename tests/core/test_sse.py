@@ -4,6 +4,7 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
+from markdown_it import MarkdownIt
 from starlette.responses import Response
 from starlette.types import Message
 
@@ -22,10 +23,18 @@ from tests.sse_clients import (
     markdown_buffer,
 )
 
-MARKDOWN = (
-    "# Agent Ledger\n\n*Bookkeeping agents.*\n\n## The problem\n\n"
-    "- one\n- two\n\n\n```python\nprint('<x>')\n```\n  indented\n"
+PROSE = (
+    "# Agent Ledger\n\n*Bookkeeping agents.*\n\n## The problem\n\nSmall firms  \n"
+    "close books late.\\\nEvery month.\n\n- one\n- two\n\n\n> A quote\n> on two lines\n\n"
+    "| plan | price |\n|---|---|\n| pro | 9 |\n\nSetext\n===\n\n---\n  indented\n"
+    "```inline``` code\n\n"
 )
+CODE = (
+    "Run it:\n\n```python\nprint('<x>')\ndef f(x):  \n    return x \\\n\n\n```\n\n"
+    "1. Step\n\n   ~~~~sh\n   echo '```'\n   ~~~\n   ~~~~\n\nAfter `code`.\n"
+)
+MARKDOWN = PROSE + CODE
+render = MarkdownIt("commonmark").enable("table").render
 
 
 def encode_markdown(chunks: list[str], *, end: StreamEvent | None = None) -> str:
@@ -36,28 +45,60 @@ def encode_markdown(chunks: list[str], *, end: StreamEvent | None = None) -> str
 
 
 def random_chunks(text: str, rng: random.Random) -> list[str]:
-    cuts = sorted(rng.sample(range(1, len(text)), k=rng.randrange(1, min(40, len(text) - 1))))
+    cuts = sorted(rng.sample(range(1, len(text)), k=rng.randrange(1, min(60, len(text) - 1))))
     return [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
 
 
 @pytest.mark.parametrize("seed", range(200))
-def test_markdown_survives_any_chunking(seed: int) -> None:
-    rng = random.Random(seed)
-    chunks = random_chunks(MARKDOWN, rng)
-    assert_same_markdown(markdown_buffer(encode_markdown(chunks)), MARKDOWN)
+def test_markdown_renders_as_the_model_wrote_it_however_it_is_chunked(seed: int) -> None:
+    chunks = random_chunks(MARKDOWN, random.Random(seed))
+    buffer = markdown_buffer(encode_markdown(chunks))
+    assert_same_markdown(buffer, MARKDOWN)
+    assert render(buffer) == render(MARKDOWN)  # code blocks included, to the byte
+
+
+def test_the_sample_is_rendered_with_its_code_blocks() -> None:
+    html = render(MARKDOWN)
+    assert html.count("<pre><code") == 2
+    assert "<table>" in html
+    assert "<br />\nclose books late.<br />" in html  # both hard line breaks
+    assert "<code>inline</code>" in html
 
 
 @pytest.mark.parametrize("seed", range(50))
 def test_markdown_sends_every_delta_the_moment_it_arrives(seed: int) -> None:
-    """Nothing is held back but trailing spaces, tabs and backslashes (which render as nothing
-    until more text follows)."""
-    chunks = random_chunks(MARKDOWN, random.Random(seed))
+    """Outside code blocks nothing is held back but trailing spaces, tabs and backslashes (which
+    render as nothing until more text follows)."""
+    chunks = random_chunks(PROSE, random.Random(seed))
     encoder = MarkdownEventEncoder()
     sent = b""
     for count, chunk in enumerate(chunks, start=1):
         sent += encoder.encode(StreamEvent.delta(chunk))
         text_so_far = "".join(chunks[:count]).rstrip(" \t\\")
         assert_same_markdown(markdown_buffer(sent.decode()), text_so_far)
+
+
+@pytest.mark.parametrize("seed", range(50))
+def test_code_arrives_exact_and_at_most_one_character_late(seed: int) -> None:
+    chunks = random_chunks(CODE, random.Random(seed))
+    encoder = MarkdownEventEncoder()
+    sent = b""
+    for count, chunk in enumerate(chunks, start=1):
+        sent += encoder.encode(StreamEvent.delta(chunk))
+        text_so_far = "".join(chunks[:count])
+        buffer = markdown_buffer(sent.decode())
+        if buffer:
+            assert_same_markdown(buffer, text_so_far, prefix=True)
+        assert len(buffer) >= len(text_so_far.rstrip(" \t\\\n")) - 1
+
+
+def test_an_error_inside_a_code_block_closes_it_first() -> None:
+    raw = encode_markdown(
+        ["Try:\n\n", "~~~~", "sh\n", "echo hi"], end=StreamEvent.error("x", "Provider down")
+    )
+    buffer = markdown_buffer(raw)
+    assert buffer == "Try:\n\n~~~~sh\necho hi\n~~~~\n\n**Error:** Provider down\n"
+    assert "<p><strong>Error:</strong> Provider down</p>" in render(buffer)
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import (
     AsyncGenerator,
@@ -82,20 +83,28 @@ class MarkdownEventEncoder:
     would be lost (the model's `\\n\\n` before a heading is a token of its own). Such an event
     starts with one space instead (`data:  ` then `data: ...`), which ends the previous line with
     a space: the original app's framing, which did this before every line break. Every delta is
-    sent the moment it arrives; what the client renders is the model's Markdown, because
-    CommonMark ignores one trailing space. Two would be a hard line break, and a space after a
-    trailing backslash would undo one, so trailing spaces, tabs and backslashes are held back and
-    sent at the head of the next event (where they also make its first line non-empty), and only
-    a line that ends in another character ever gets the space. The other exceptions: newlines
-    before the first character of the whole text are not sent (they do not change the rendered
-    Markdown), and line breaks are normalised to `\\n` (a `\\r` would end an SSE line).
-    `?format=json` carries the text exactly, for clients that want it.
+    sent the moment it arrives, and the client renders the model's Markdown: CommonMark ignores
+    one trailing space. Two would be a hard line break, and a space after a trailing backslash
+    would undo one, so trailing spaces, tabs and backslashes are held back and sent at the head
+    of the next event (where they also make its first line non-empty), and only a line that ends
+    in another character ever gets the space.
+
+    Inside a fenced code block a trailing space would stay in the code (and in what a reader
+    copies), so there the encoder holds back each delta's last character instead, and sends it
+    at the head of the next event: the code arrives exact, each character one delta later.
+    The other exceptions: newlines before the first character of the whole text are not sent
+    (they do not change the rendered Markdown), and line breaks are normalised to `\\n` (a
+    `\\r` would end an SSE line). `?format=json` carries the text exactly.
     """
 
     media_type: str = "text/event-stream"
     _held: str = ""
     _started: bool = False
     """Whether any text has been sent: a newline before it needs no line to end."""
+    _line: str = ""
+    """The start of the text's current line (enough to tell a code fence)."""
+    _fence: str | None = None
+    """The fence of the code block the text is in, if it is in one."""
 
     def encode(self, event: StreamEvent) -> bytes:
         if event.kind == "delta":
@@ -107,6 +116,8 @@ class MarkdownEventEncoder:
         if event.kind == "error":
             message = str(event.data.get("message", "The stream failed"))
             lead = "\n\n" if self._started or self._held else ""
+            if self._fence:  # close the code block, so that the error reads as text
+                lead = ("\n" if self._line else "") + self._fence + "\n\n"
             return self._frame(f"{lead}**Error:** {message}\n", hold=False, event="error")
         return b""
 
@@ -114,21 +125,51 @@ class MarkdownEventEncoder:
         return b": keep-alive\n\n"
 
     def _frame(self, text: str, *, hold: bool = True, event: str | None = None) -> bytes:
-        pending = self._held + _normalise(text)
+        text = _normalise(text)
+        self._follow(text)
+        pending = self._held + text
         if not self._started:
             pending = pending.lstrip("\n")
         elif pending.startswith("\n"):
             pending = " " + pending
-        cut = len(pending.rstrip(_HELD)) if hold else len(pending)
+        if not hold:
+            cut = len(pending)
+        elif self._fence:
+            cut = max(len(pending.rstrip("\n")) - 1, 0)
+        else:
+            cut = len(pending.rstrip(_HELD))
         self._held = pending[cut:]
         if not cut:
             return b""
         self._started = True
         return _markdown_event(pending[:cut], event)
 
+    def _follow(self, text: str) -> None:
+        """Follow the text's lines in and out of fenced code blocks."""
+        *ended, current = (self._line + text).split("\n")
+        for line in ended:
+            self._fence = _fence_after(line, self._fence)
+        self._line = current[:_LINE_HEAD]
+
 
 _HELD = " \t\\"
-"""What the Markdown framing holds back at the end of a delta (see `MarkdownEventEncoder`)."""
+"""What the Markdown framing holds back at the end of a delta outside code blocks."""
+
+_LINE_HEAD = 80
+_FENCE = re.compile(r"[ \t>]*(`{3,}|~{3,})(.*)")
+"""A code fence, also in a list item or a block quote (an indented code block's line that looks
+like one costs nothing but a delay)."""
+
+
+def _fence_after(line: str, fence: str | None) -> str | None:
+    """The code block's fence after `line`: opened, closed, or as it was."""
+    if (match := _FENCE.match(line)) is None:
+        return fence
+    run, rest = match.groups()
+    if fence is None:
+        return None if run[0] == "`" and "`" in rest else run  # inline code, not a fence
+    closes = run[0] == fence[0] and len(run) >= len(fence) and not rest.strip()
+    return None if closes else fence
 
 
 def _normalise(text: str) -> str:
