@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import Engine, event
 
 from tests.conftest import MakeApp, Served
 from tests.factories import bearer, create_user
@@ -80,6 +82,41 @@ async def test_json_variant_names_events_and_reports_the_stored_idea(
     assert stored.json()["content"] == DEFAULT_TEXT
     assert stored.json()["status"] == "complete"
     assert stored.json()["input_tokens"] == 21
+
+
+async def test_the_idea_and_its_usage_row_are_stored_in_one_statement_on_postgresql(
+    served: Served, fake_openai: FakeOpenAI
+) -> None:
+    """They are written after every idea: on PostgreSQL one autocommitted statement, one round
+    trip, rather than BEGIN, two INSERTs and COMMIT."""
+    fake_openai.prompt_tokens = 21
+    _, token = await create_user(served.client)
+    statements: list[str] = []
+
+    def record(*args: Any) -> None:
+        statements.append(args[2])
+
+    event.listen(Engine, "before_cursor_execute", record)
+    try:
+        response = await read_stream(served.client, token, format="json")
+    finally:
+        event.remove(Engine, "before_cursor_execute", record)
+
+    assert event_source_events(response.text)[-1].event == "done"
+    writes = [s for s in statements if s.lstrip().upper().startswith(("INSERT", "WITH"))]
+    stored = [s for s in writes if "INSERT INTO idea " in s]
+    assert len(stored) == 1
+    if served.settings.database_url.startswith("postgresql"):
+        assert "INSERT INTO usage_record " in stored[0]
+        assert len(writes) == 2  # and the quota reservation
+    else:
+        assert any("INSERT INTO usage_record " in s for s in writes)
+    usage = (await served.client.get("/api/usage", headers=bearer(token))).json()
+    ideas = next(p for p in usage["products"] if p["product"] == "ideas")
+    assert ideas["usage"]["requests"] == 1
+    assert ideas["usage"]["input_tokens"] == 21
+    listed = (await served.client.get("/api/ideas", headers=bearer(token))).json()["items"]
+    assert [idea["content"] for idea in listed] == [DEFAULT_TEXT]
 
 
 async def test_history_is_paginated_and_private(served: Served) -> None:

@@ -175,15 +175,19 @@ class AppSessions(async_sessionmaker[AsyncSession]):
         async with self._engine.begin() as connection:
             return await connection.run_sync(job)
 
-    async def write_each(self, job: Job[T], *, undo: Callable[[T], Job[Any] | None]) -> T:
+    async def write_each(
+        self, job: Job[T], *, undo: Callable[[T], Job[Any] | None] | None = None
+    ) -> T:
         """`write` for a job each of whose statements stands on its own (each is atomic, and
-        together they are correct in any interleaving): each is committed as it runs.
+        together they are correct in any interleaving): each is committed as it runs. A job of
+        one statement costs two round trips to the database (the pool's ping, the statement)
+        rather than four (BEGIN and COMMIT besides): the stored idea with its usage rows is one.
 
         Here that is autocommit: a row a statement locks (a user's quota, which every request of
         theirs updates) is locked for that statement only, not until a COMMIT that, under load,
         waits for turns of a busy event loop while every other request for that row queues
         behind it (seconds, for one user's 300 concurrent streams). The job runs to its end even
-        if the caller stops waiting; `undo` then reverses it. On SQLite: `write`."""
+        if the caller stops waiting; `undo`, if given, then reverses it. On SQLite: `write`."""
         running = asyncio.ensure_future(self._run_autocommitted(job))
         try:
             return await asyncio.shield(running)
@@ -207,13 +211,15 @@ class AppSessions(async_sessionmaker[AsyncSession]):
         """The same pool, with statements that each commit as they run."""
         return self._engine.execution_options(isolation_level="AUTOCOMMIT")
 
-    async def _undo(self, running: asyncio.Future[T], undo: Callable[[T], Job[Any] | None]) -> None:
-        """Once the job its caller left is done, reverse it."""
+    async def _undo(
+        self, running: asyncio.Future[T], undo: Callable[[T], Job[Any] | None] | None
+    ) -> None:
+        """Once the job its caller left is done, reverse it (if there is a way)."""
         try:
             result = await running
         except Exception:
             return  # it failed: its caller was told nothing, and there is nothing to reverse
-        if (reversal := undo(result)) is not None:
+        if undo is not None and (reversal := undo(result)) is not None:
             try:
                 await self.write(reversal)
             except Exception as exc:
@@ -277,7 +283,9 @@ class _SQLiteSessions(AppSessions):
         # Cancelled while queued, the job is dropped; cancelled once it ran, `undo` runs.
         return await write.future
 
-    async def write_each(self, job: Job[T], *, undo: Callable[[T], Job[Any] | None]) -> T:
+    async def write_each(
+        self, job: Job[T], *, undo: Callable[[T], Job[Any] | None] | None = None
+    ) -> T:
         return await self.write(job, undo=undo)
 
     async def aclose(self) -> None:

@@ -9,9 +9,10 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
+from typing import cast
 
 import anyio
-from sqlalchemy import Connection, insert
+from sqlalchemy import Connection, Table
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from aihub.core.db import AppSessions, utcnow
@@ -25,7 +26,7 @@ from aihub.usage import quotas
 from aihub.usage.quotas import QuotaPolicy
 from aihub.usage.service import (
     failed_attempt_rows,
-    insert_usage,
+    insert_with_usage,
     record_failed_attempts,
     record_usage,
     usage_row,
@@ -34,7 +35,8 @@ from aihub.users.models import User
 
 logger = logging.getLogger("aihub.ideas")
 
-_IDEA_COLUMNS = tuple(Idea.__table__.columns)
+_IDEAS = cast(Table, Idea.__table__)
+_IDEA_COLUMNS = tuple(_IDEAS.columns)
 
 
 @dataclass
@@ -221,12 +223,14 @@ async def _save(
     def write(connection: Connection) -> None:
         # INSERTs, not `session.add`: the ORM's unit of work cost more CPU than the write, and
         # this runs after every idea (`bench/stream_overhead.py`).
-        connection.execute(insert(Idea), [values])
-        insert_usage(connection, usage_rows)
+        insert_with_usage(connection, _IDEAS, values, usage_rows)
         if provider_failed:
             quotas.give_back(connection, user_id=idea.user_id, product="ideas")
 
-    await sessions.write(write)
+    if provider_failed or len(usage_rows) > 1:
+        await sessions.write(write)  # one transaction: the unit given back with the idea
+    else:
+        await sessions.write_each(write)  # one statement on PostgreSQL
     if error:
         logger.info("idea stored incomplete", extra={"idea_id": str(idea.id), "error": error})
 
