@@ -106,7 +106,7 @@ async def test_the_idea_and_its_usage_row_are_stored_in_one_statement_on_postgre
     writes = [s for s in statements if s.lstrip().upper().startswith(("INSERT", "WITH"))]
     stored = [s for s in writes if "INSERT INTO idea " in s]
     assert len(stored) == 1
-    if served.settings.database_url.startswith("postgresql"):
+    if (served.settings.database_url or "").startswith("postgresql"):
         assert "INSERT INTO usage_record " in stored[0]
         assert len(writes) == 2  # and the quota reservation
     else:
