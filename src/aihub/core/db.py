@@ -181,7 +181,7 @@ class AppSessions(async_sessionmaker[AsyncSession]):
         """`write` for a job each of whose statements stands on its own (each is atomic, and
         together they are correct in any interleaving): each is committed as it runs. A job of
         one statement costs two round trips to the database (the pool's ping, the statement)
-        rather than four (BEGIN and COMMIT besides): the stored idea with its usage rows is one.
+        rather than four (BEGIN and COMMIT besides): an idea stored with its usage row is one.
 
         Here that is autocommit: a row a statement locks (a user's quota, which every request of
         theirs updates) is locked for that statement only, not until a COMMIT that, under load,

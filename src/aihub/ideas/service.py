@@ -227,10 +227,10 @@ async def _save(
         if provider_failed:
             quotas.give_back(connection, user_id=idea.user_id, product="ideas")
 
-    if provider_failed or len(usage_rows) > 1:
+    if provider_failed:
         await sessions.write(write)  # one transaction: the unit given back with the idea
     else:
-        await sessions.write_each(write)  # one statement on PostgreSQL
+        await sessions.write_each(write)  # the idea and its usage: each stands on its own
     if error:
         logger.info("idea stored incomplete", extra={"idea_id": str(idea.id), "error": error})
 
