@@ -51,23 +51,6 @@ def markdown_buffer(raw: str) -> str:
     return "".join(m.data for m in fetch_event_source_messages(raw))
 
 
-def assert_same_markdown(buffer: str, text: str, *, prefix: bool = False) -> None:
-    """`buffer` (the ideas client's) is the Markdown `text` (`prefix`: its start), as rendered.
-
-    The framing may end a line with one space where the text has none (a line break that began
-    an event) and drops newlines before the first character; nothing else may differ.
-    """
-    got, want = buffer.split("\n"), text.lstrip("\n").split("\n")
-    if prefix:
-        assert len(got) <= len(want), (buffer, text)
-        want, last = want[: len(got)], got[-1]
-        want[-1] = want[-1][: len(last) if want[-1].startswith(last) else len(last) - 1]
-    assert len(got) == len(want), (buffer, text)
-    for line, wanted in zip(got, want, strict=True):
-        framed = line == wanted + " " and not wanted.endswith((" ", "\t", "\\"))
-        assert line == wanted or framed, (line, wanted)
-
-
 @dataclass
 class NamedEvent:
     event: str

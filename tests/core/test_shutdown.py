@@ -27,7 +27,7 @@ from tests.fakes.gemini import FakeGemini
 from tests.fakes.openai import DEFAULT_TEXT, FakeOpenAI
 from tests.fakes.replicate import FakeReplicate
 from tests.fakes.server import serve
-from tests.sse_clients import assert_same_markdown, fetch_event_source_messages, markdown_buffer
+from tests.sse_clients import fetch_event_source_messages, markdown_buffer
 
 
 @contextlib.asynccontextmanager
@@ -73,7 +73,7 @@ async def test_an_idea_stream_the_server_stops_says_so_and_is_stored(
     assert rendered.endswith(f"\n\n**Error:** {INTERRUPTED}\n")  # not taken for a whole idea
     partial = rendered.removesuffix(f"\n\n**Error:** {INTERRUPTED}\n")
     assert partial
-    assert_same_markdown(partial, DEFAULT_TEXT, prefix=True)
+    assert DEFAULT_TEXT.startswith(partial)
     assert fetch_event_source_messages(body.decode())[-1].event == "error"
     assert b"event: done" not in body
 
@@ -81,7 +81,7 @@ async def test_an_idea_stream_the_server_stops_says_so_and_is_stored(
         ideas = (await connection.execute(select(Idea.status, Idea.error, Idea.content))).all()
     assert [(status, error) for status, error, _ in ideas] == [("incomplete", "interrupted")]
     assert DEFAULT_TEXT.startswith(ideas[0].content)
-    assert_same_markdown(partial, ideas[0].content)  # all it produced, stored
+    assert ideas[0].content.startswith(partial)  # all it produced, stored
 
 
 async def test_a_stopping_server_waits_for_a_cancelled_stream_to_store_its_answer(

@@ -76,25 +76,27 @@ class Encoder(Protocol):
 
 @dataclass
 class MarkdownEventEncoder:
-    """Markdown as SSE data lines that the original client renders as the model wrote it.
+    """Markdown as SSE data lines that the original client renders byte for byte.
 
     The client appends each event's data to its buffer. An event's data is its data lines joined
-    by `\\n`, except that leading empty lines are dropped, so a newline that *starts* an event
-    would be lost (the model's `\\n\\n` before a heading is a token of its own). Such an event
-    starts with one space instead (`data:  ` then `data: ...`), which ends the previous line with
-    a space: the original app's framing, which did this before every line break. Every delta is
-    sent the moment it arrives, and the client renders the model's Markdown: CommonMark ignores
-    one trailing space. Two would be a hard line break, and a space after a trailing backslash
-    would undo one, so trailing spaces, tabs and backslashes are held back and sent at the head
-    of the next event (where they also make its first line non-empty), and only a line that ends
-    in another character ever gets the space.
+    by `\\n`, except that leading empty lines are dropped, so no event may *start* with a newline
+    (the model's `\\n\\n` before a heading is a token of its own). The encoder therefore holds
+    back the last character of each delta (and any newlines after it) and sends it at the head
+    of the next event: the concatenation is exactly the model's text, each character one delta
+    late.
 
-    Inside a fenced code block a trailing space would stay in the code (and in what a reader
-    copies), so there the encoder holds back each delta's last character instead, and sends it
-    at the head of the next event: the code arrives exact, each character one delta later.
-    The other exceptions: newlines before the first character of the whole text are not sent
-    (they do not change the rendered Markdown), and line breaks are normalised to `\\n` (a
-    `\\r` would end an SSE line). `?format=json` carries the text exactly.
+    Except the first: while nothing has been sent, a delta that is one character (the `#` of a
+    heading) is sent whole, so that the first token is not a delta late. Should the next delta
+    then start with a newline, that event starts with one space (`data:  ` then `data: ...`),
+    which ends the first line with a space, as the original app's framing did before every line
+    break; CommonMark ignores it (the character is never a space, tab or backslash, so it makes
+    or undoes no hard line break). The other exceptions: newlines before the first character
+    of the whole text are not sent (they do not change the rendered Markdown), and line breaks
+    are normalised to `\\n` (a `\\r` would end an SSE line). `?format=json` carries the text
+    exactly.
+
+    The encoder follows fenced code blocks, so that a stream that fails inside one closes it
+    before its error line, which then reads as text.
     """
 
     media_type: str = "text/event-stream"
@@ -130,14 +132,14 @@ class MarkdownEventEncoder:
         pending = self._held + text
         if not self._started:
             pending = pending.lstrip("\n")
-        elif pending.startswith("\n"):
+        elif pending.startswith("\n"):  # only after a first character sent whole
             pending = " " + pending
         if not hold:
             cut = len(pending)
-        elif self._fence:
-            cut = max(len(pending.rstrip("\n")) - 1, 0)
         else:
-            cut = len(pending.rstrip(_HELD))
+            cut = max(len(pending.rstrip("\n")) - 1, 0)
+            if not self._started and len(pending) == 1 and pending not in _NOT_FIRST:
+                cut = 1
         self._held = pending[cut:]
         if not cut:
             return b""
@@ -152,13 +154,13 @@ class MarkdownEventEncoder:
         self._line = current[:_LINE_HEAD]
 
 
-_HELD = " \t\\"
-"""What the Markdown framing holds back at the end of a delta outside code blocks."""
+_NOT_FIRST = " \t\\"
+"""What is never sent whole as the first character: a space after it would make (or, after a
+backslash, undo) a hard line break."""
 
 _LINE_HEAD = 80
 _FENCE = re.compile(r"[ \t>]*(`{3,}|~{3,})(.*)")
-"""A code fence, also in a list item or a block quote (an indented code block's line that looks
-like one costs nothing but a delay)."""
+"""A code fence, also in a list item or a block quote."""
 
 
 def _fence_after(line: str, fence: str | None) -> str | None:

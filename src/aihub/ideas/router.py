@@ -28,10 +28,11 @@ router = APIRouter(tags=["ideas"])
 _STREAM_DESCRIPTION = """Streams a new business idea in Markdown.
 
 By default the stream is framed for the original frontend (`@microsoft/fetch-event-source`
-appending each event's data), each delta sent as it arrives: the concatenated data is the
-model's Markdown, where a line outside code blocks may end in one space more (an event cannot
-start with a newline), and the stream ends with `event: done` carrying empty data. Errors,
-before or during the stream, arrive as `text/event-stream` with one readable Markdown line.
+appending each event's data): the concatenated data is the model's text byte for byte (each
+delta's last character is held back until the next one, because an event cannot start with a
+newline; a first delta of one character is sent at once), and the stream ends with
+`event: done` carrying empty data. Errors, before or during the stream, arrive as
+`text/event-stream` with one readable Markdown line.
 
 `?format=json` gives named events instead: `delta` `{"text"}`, then `done` with the stored idea's
 id, usage and provider, or `error` `{"code", "message"}`; errors before the stream are JSON.
