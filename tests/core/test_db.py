@@ -10,6 +10,7 @@ import sqlite3
 import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Connection, Engine, event, text
@@ -167,6 +168,31 @@ async def test_a_write_whose_caller_left_after_it_ran_is_undone(tmp_path: Path) 
         release.set()
         with contextlib.suppress(asyncio.CancelledError):
             await caller
+        await sessions.write(_add(0))  # after the reversal, which was queued first
+        assert await _total(sessions) == 0
+
+
+async def test_a_write_whose_caller_left_as_its_result_came_is_undone(tmp_path: Path) -> None:
+    """The result is set and its caller is cancelled in the same turn of the loop (a client
+    that leaves as its quota reservation commits): the caller never sees the result, so the
+    write is reversed all the same."""
+
+    def give_back(n: int) -> Callable[[Connection], int]:
+        assert n == 1
+        return _add(-1)
+
+    async with _counter_sessions(tmp_path) as (sessions, _):
+        caller = asyncio.create_task(sessions.write(_add(1), undo=give_back))
+        settle = sessions._settle  # type: ignore[attr-defined]
+
+        def settle_then_cancel(*args: Any) -> None:
+            settle(*args)
+            caller.cancel()
+
+        sessions._settle = settle_then_cancel  # type: ignore[attr-defined]
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        sessions._settle = settle  # type: ignore[attr-defined]
         await sessions.write(_add(0))  # after the reversal, which was queued first
         assert await _total(sessions) == 0
 

@@ -281,7 +281,14 @@ class _SQLiteSessions(AppSessions):
         write = _Write(job, future, undo)
         self._enqueue(write)
         # Cancelled while queued, the job is dropped; cancelled once it ran, `undo` runs.
-        return await write.future
+        try:
+            return await write.future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled() and future.exception() is None:
+                # The result came in the same turn as the cancellation, which won: this caller
+                # never sees it, so the write is reversed as if it had been cancelled first.
+                self._reverse(write, future.result())
+            raise
 
     async def write_each(
         self, job: Job[T], *, undo: Callable[[T], Job[Any] | None] | None = None
@@ -374,11 +381,15 @@ class _SQLiteSessions(AppSessions):
             else:
                 write.future.set_result(outcome.result)
             return
-        undo = write.undo(outcome.result) if write.undo and outcome.error is None else None
-        if undo is not None:  # its caller left after it was committed: reverse it
+        if outcome.error is None:  # its caller left after it was committed
+            self._reverse(write, outcome.result)
+
+    def _reverse(self, write: _Write[T], result: T) -> None:
+        """Queue the write that reverses `write` (which returned `result`), if there is one."""
+        if write.undo is not None and (undo := write.undo(result)) is not None:
             reversal: _Write[Any] = _Write(undo, asyncio.get_running_loop().create_future())
             reversal.future.add_done_callback(_log_failure)
-            self._queued.append(reversal)
+            self._enqueue(reversal)
 
 
 def _log_failure(future: asyncio.Future[Any]) -> None:
