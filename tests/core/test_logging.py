@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from aihub.core.logging import JsonFormatter, redact, request_id_var
+from aihub.core.logging import JsonFormatter, configure_logging, redact, request_id_var
 
 SECRETS = [
     "Authorization: Bearer eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ1c2VyIn0.c2lnbmF0dXJl",
@@ -52,3 +52,22 @@ def test_json_lines_carry_the_request_id_and_extras() -> None:
     assert line["request_id"] == "abc123"
     assert line["idea_id"] == "i-1"
     assert "eyJabcdefgh" not in line["msg"]
+
+
+def test_requests_ended_after_the_grace_period_are_a_warning_not_an_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    configure_logging("INFO", "console")
+    root.addHandler(caplog.handler)
+    try:
+        # What uvicorn's server logs when streams outlive `timeout_graceful_shutdown`.
+        logging.getLogger("uvicorn.error").error(
+            "Cancel %s running task(s), timeout graceful shutdown exceeded", 3
+        )
+    finally:
+        root.handlers[:], root.level = handlers, level
+    [record] = [r for r in caplog.records if r.name == "uvicorn.error"]
+    assert record.levelno == logging.WARNING
+    assert record.getMessage().startswith("the grace period is over: ending 3 requests")

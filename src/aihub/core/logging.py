@@ -73,6 +73,21 @@ class ConsoleFormatter(logging.Formatter):
         return redact(line)
 
 
+class _GracePeriodOver(logging.Filter):
+    """uvicorn logs the requests still running when its graceful-shutdown period ends as an
+    error; aihub ends them on purpose (a stream tells its client and stores what it produced),
+    so it is a warning, which says so."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == "Cancel %s running task(s), timeout graceful shutdown exceeded":
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg = (
+                "the grace period is over: ending %s requests still running "
+                "(a stream tells its client and stores what it produced)"
+            )
+        return True
+
+
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else ConsoleFormatter())
@@ -84,6 +99,9 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
     logging.getLogger("uvicorn.access").disabled = True
+    server = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _GracePeriodOver) for f in server.filters):
+        server.addFilter(_GracePeriodOver())
     noisy_loggers = ("httpx", "httpcore", "httpx2", "openai", "google_genai", "aiosqlite")
     for noisy in (*noisy_loggers, "alembic.runtime.plugins"):
         logging.getLogger(noisy).setLevel("WARNING")
