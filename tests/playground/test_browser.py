@@ -132,6 +132,19 @@ async def test_every_product_runs_in_the_playground(
     await page.click("#chat-rename")
     await page.locator("#chat-list").get_by_text("A cat, probably").wait_for()
     await shot(page, "chats")
+    asked: list[str] = []
+
+    async def answer(dialog: Any, *, accept: bool) -> None:
+        asked.append(dialog.message)
+        await (dialog.accept() if accept else dialog.dismiss())
+
+    page.once("dialog", lambda dialog: answer(dialog, accept=False))
+    await page.click("#chat-delete")  # asked first; declined, the chat stays
+    await page.wait_for_timeout(300)
+    assert len(asked) == 1
+    assert "A cat, probably" in asked[0]
+    assert await page.locator("#chat-list").get_by_text("A cat, probably").count() == 1
+    page.once("dialog", lambda dialog: answer(dialog, accept=True))
     await page.click("#chat-delete")
     await page.locator("#chat-list").get_by_text("A cat, probably").wait_for(state="detached")
 

@@ -1513,6 +1513,8 @@
     $("chat-delete").addEventListener("click", async () => {
       if (!current) return;
       const id = current;
+      const title = titleInput.value.trim() || "this chat";
+      if (!window.confirm(`Delete “${title}” with all its messages and files? This cannot be undone.`)) return;
       try {
         await requestJSON(`/api/chats/${encodeURIComponent(id)}`, { method: "DELETE" });
         closeChat();
