@@ -166,10 +166,17 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         "challenges": providers.text_chain(settings.challenges_model),
         "chats": providers.text_chain(settings.chat_model),
     }
+    app.state.chat_summary_chain = (
+        providers.text_chain(settings.chat_summary_model)
+        if settings.chat_summary_model
+        else app.state.chains["chats"]
+    )
     app.state.chat_system_prompt = await asyncio.to_thread(load_system_prompt, settings)
     app.state.chat_summaries = Summaries()
     app.state.image_chain = providers.image_chain(settings.images_model)
     _log_products({**app.state.chains, "images": app.state.image_chain})
+    if settings.chat_summary_model:
+        _log_products({"chats (summaries)": app.state.chat_summary_chain})
     app.state.authenticator = await Authenticator.create(settings)
     app.state.storage = create_storage(settings)
     app.state.url_signer = UrlSigner(

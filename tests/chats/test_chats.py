@@ -820,6 +820,53 @@ async def test_older_turns_are_folded_into_a_summary_the_model_then_sees(
         assert len((await ada.messages(chat_id)).json()) == 6
 
 
+async def test_summaries_can_be_written_by_a_chain_of_their_own(
+    make_app: MakeApp, fake_clerk: FakeClerk, fake_gemini: FakeGemini, fake_openai: FakeOpenAI
+) -> None:
+    """`CHAT_SUMMARY_MODEL` sends the summaries to another (smaller) model; replies stay on
+    `CHAT_MODEL`'s chain, and each call's usage is recorded against its own provider."""
+    settings = {
+        "chat_context_tokens": 2000,
+        "chat_summary_after_tokens": 200,
+        "chat_summary_min_messages": 4,
+        "chat_keep_recent_messages": 2,
+        "chat_summary_model": "openai:gpt-summary-mini",
+    }
+    async with make_app(**settings) as served:
+        ada = person(served, fake_clerk)
+        fake_gemini.text = "Lisbon sounds lovely."
+        fake_openai.text = "The user plans a May trip to Lisbon."
+        chat_id = ndjson(await ada.send("A trip to Lisbon. " + "Details. " * 60))[0]["chat_id"]
+        ndjson(await ada.send("With my sister, in May. " + "More. " * 60, chat_id=chat_id))
+
+        async def summarised() -> Chat | None:
+            row = await chat_row(served, chat_id)
+            return row if row is not None and row.summary else None
+
+        chat = await eventually(summarised)
+        assert chat.summary == "The user plans a May trip to Lisbon."
+        [summary_request] = fake_openai.requests
+        assert summary_request.json["model"] == "gpt-summary-mini"
+        assert summary_request.json["messages"][0]["role"] == "system"
+        assert summary_request.json["messages"][0]["content"].startswith(
+            SUMMARY_INSTRUCTION.split("{", 1)[0]
+        )
+        assert len(fake_gemini.requests) == 2  # the replies
+        assert not any(is_summary(r) for r in fake_gemini.requests)
+        usage = await db_rows(served, select(UsageRecord).where(UsageRecord.product == "chats"))
+        assert sorted((u.provider, u.model) for u in usage) == [
+            ("gemini", "gemini-2.5-flash"),
+            ("gemini", "gemini-2.5-flash"),
+            ("openai", "gpt-summary-mini"),
+        ]
+
+
+def test_an_empty_summary_model_means_the_chat_chain(make_settings: Any) -> None:
+    assert make_settings(chat_summary_model="").chat_summary_model is None
+    with pytest.raises(ValueError, match="provider:model"):
+        make_settings(chat_summary_model="no-provider-here")
+
+
 async def test_no_turn_is_lost_between_the_summary_and_the_window(
     make_app: MakeApp, fake_clerk: FakeClerk, fake_gemini: FakeGemini
 ) -> None:

@@ -321,10 +321,13 @@ async def chat(
     incoming = _incoming(body, settings.chat_max_message_chars, settings.chat_max_media_parts)
     options = chat_options(settings, request.app.state.chat_system_prompt)
     summaries: service.Summaries = request.app.state.chat_summaries
+    summary_chain: ModelChain = request.app.state.chat_summary_chain
 
     def after_reply(chat_id: uuid.UUID) -> None:
         summaries.spawn(
-            service.summarize_if_due(sessions, chain=chain, chat_id=chat_id, options=options)
+            service.summarize_if_due(
+                sessions, chain=summary_chain, chat_id=chat_id, options=options
+            )
         )
 
     reply = await service.start_reply(

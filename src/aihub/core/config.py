@@ -136,6 +136,8 @@ class Settings(BaseSettings):
     images_stream_token_seconds: int = Field(default=3600, ge=10)
 
     chat_model: str = "gemini:gemini-2.5-flash"
+    chat_summary_model: str | None = None
+    """The chain that writes chats' rolling summaries (a smaller model does); None: `chat_model`."""
     chat_system_prompt: str | None = None
     chat_system_prompt_file: Path | None = None
     chat_context_tokens: int = Field(default=6000, ge=500)
@@ -326,6 +328,14 @@ class Settings(BaseSettings):
     @field_validator("ideas_model", "challenges_model", "images_model", "chat_model")
     @classmethod
     def _model_chain(cls, value: str) -> str:
+        parse_model_chain(value)
+        return value
+
+    @field_validator("chat_summary_model")
+    @classmethod
+    def _optional_model_chain(cls, value: str | None) -> str | None:
+        if not value or not value.strip():
+            return None  # an empty CHAT_SUMMARY_MODEL= means the chat's own chain
         parse_model_chain(value)
         return value
 
