@@ -197,6 +197,32 @@ async def test_a_write_whose_caller_left_as_its_result_came_is_undone(tmp_path: 
         assert await _total(sessions) == 0
 
 
+async def test_a_write_after_the_sessions_closed_is_written_and_its_thread_released(
+    tmp_path: Path,
+) -> None:
+    """A request the server stopped waiting for may still store what it produced after the
+    app closed its sessions: the write is made, and the thread and connection it needed end
+    with it instead of living on unclosed."""
+
+    def writers() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name.startswith("aihub-sqlite-writer")]
+
+    async def no_writers_left() -> None:
+        for _ in range(200):
+            if not writers():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(writers())
+
+    async with _counter_sessions(tmp_path) as (sessions, _):
+        assert await sessions.write(_add(1)) == 1
+        await sessions.aclose()
+        await no_writers_left()
+        assert await sessions.write(_add(1)) == 2  # late, and written
+        await no_writers_left()
+        assert await _total(sessions) == 2
+
+
 async def test_the_sqlite_writer_reconnects_after_its_connection_broke(tmp_path: Path) -> None:
     """The writer thread keeps one connection open between writes; once it breaks, the write
     that found it broken fails and the next one gets a new connection."""

@@ -13,7 +13,7 @@ import functools
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -267,9 +267,10 @@ class _SQLiteSessions(AppSessions):
         self._writer = asyncio.Lock()
         self._queued: list[_Write[Any]] = []
         self._committer: asyncio.Task[None] | None = None
-        self._thread: ThreadPoolExecutor | None = None
-        self._connection: Connection | None = None
-        """The writer thread's own plain `sqlite3` connection to the same file, kept open."""
+        self._thread: _WriterThread | None = None
+        self._closed = False
+        """After `aclose()`: a late write (a request the server stopped waiting for) is still
+        written, and the thread and connection it needed are released after it."""
 
     @asynccontextmanager
     async def begin(self) -> AsyncIterator[AsyncSession]:  # type: ignore[override]
@@ -297,14 +298,13 @@ class _SQLiteSessions(AppSessions):
 
     async def aclose(self) -> None:
         await super().aclose()
+        self._closed = True
         if self._committer is not None:
             self._committer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._committer
-        if self._thread is not None:
-            thread, self._thread = self._thread, None
-            await asyncio.get_running_loop().run_in_executor(thread, self._dispose)
-            thread.shutdown(wait=False)
+        if (released := self._release()) is not None:
+            await asyncio.wrap_future(released)
 
     def _enqueue(self, write: _Write[Any]) -> None:
         self._queued.append(write)
@@ -321,14 +321,17 @@ class _SQLiteSessions(AppSessions):
                 self._queued = []
                 if batch:
                     if self._thread is None:
-                        self._thread = ThreadPoolExecutor(1, "aihub-sqlite-writer")
+                        self._thread = _WriterThread(self._engine)
+                    thread = self._thread
                     jobs = [write.job for write in batch]
                     async with self._writer:
                         loop = asyncio.get_running_loop()
-                        outcomes = await loop.run_in_executor(self._thread, self._run, jobs)
+                        outcomes = await loop.run_in_executor(thread.executor, thread.run, jobs)
                     for write, outcome in zip(batch, outcomes, strict=True):
                         self._settle(write, outcome)
                     batch = []
+            if self._closed:
+                self._release()
         finally:
             # Stopped (the app is shutting down): nobody will run what is left.
             for write in (*batch, *self._queued):
@@ -336,43 +339,13 @@ class _SQLiteSessions(AppSessions):
                     write.future.cancel()
             self._queued = []
 
-    def _run(self, jobs: list[Job[Any]]) -> list[_Outcome]:
-        """On the writer thread: the jobs in one transaction, or each in its own if that fails."""
-        if len(jobs) > 1:
-            try:
-                return [_Outcome(result) for result in self._transaction(*jobs)]
-            except Exception:
-                logger.debug("a batch of %d writes failed; retrying them one by one", len(jobs))
-        outcomes = []
-        for job in jobs:
-            try:
-                outcomes.append(_Outcome(self._transaction(job)[0]))
-            except Exception as exc:
-                outcomes.append(_Outcome(error=exc))
-        return outcomes
-
-    def _transaction(self, *jobs: Job[Any]) -> list[Any]:
-        """On the writer thread: `jobs` in one transaction on its connection, which stays open
-        between transactions (a pool checkout per write cost more than a quota reservation's
-        statement)."""
-        if self._connection is None:
-            plain = sqlalchemy.create_engine(
-                self._engine.url.set(drivername="sqlite"),
-                echo=self._engine.echo,
-                connect_args={"timeout": 30},
-                pool_size=1,
-            )
-            event.listen(plain, "connect", _sqlite_pragmas)
-            self._connection = plain.connect()
-        # A connection that broke is invalidated, and `begin()` reconnects it.
-        with self._connection.begin():
-            return [job(self._connection) for job in jobs]
-
-    def _dispose(self) -> None:
-        if self._connection is not None:
-            connection, self._connection = self._connection, None
-            connection.close()
-            connection.engine.dispose()
+    def _release(self) -> Future[None] | None:
+        """Let the writer thread close its connection and end, after the job it may be running;
+        None if there is none. A later write starts another."""
+        if self._thread is None:
+            return None
+        thread, self._thread = self._thread, None
+        return thread.close()
 
     def _settle(self, write: _Write[Any], outcome: _Outcome) -> None:
         if not write.future.cancelled():
@@ -390,6 +363,56 @@ class _SQLiteSessions(AppSessions):
             reversal: _Write[Any] = _Write(undo, asyncio.get_running_loop().create_future())
             reversal.future.add_done_callback(_log_failure)
             self._enqueue(reversal)
+
+
+class _WriterThread:
+    """A thread of its own with a plain `sqlite3` connection to the database file, kept open
+    between transactions (a pool checkout per write cost more than a quota reservation's
+    statement)."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.executor = ThreadPoolExecutor(1, "aihub-sqlite-writer")
+        self._url = engine.url.set(drivername="sqlite")
+        self._echo = engine.echo
+        self._connection: Connection | None = None
+
+    def run(self, jobs: list[Job[Any]]) -> list[_Outcome]:
+        """On the thread: the jobs in one transaction, or each in its own if that fails."""
+        if len(jobs) > 1:
+            try:
+                return [_Outcome(result) for result in self._transaction(*jobs)]
+            except Exception:
+                logger.debug("a batch of %d writes failed; retrying them one by one", len(jobs))
+        outcomes = []
+        for job in jobs:
+            try:
+                outcomes.append(_Outcome(self._transaction(job)[0]))
+            except Exception as exc:
+                outcomes.append(_Outcome(error=exc))
+        return outcomes
+
+    def close(self) -> Future[None]:
+        """Close the connection on the thread (after what it is running), then end it."""
+        closed = self.executor.submit(self._close)
+        self.executor.shutdown(wait=False)
+        return closed
+
+    def _transaction(self, *jobs: Job[Any]) -> list[Any]:
+        if self._connection is None:
+            plain = sqlalchemy.create_engine(
+                self._url, echo=self._echo, connect_args={"timeout": 30}, pool_size=1
+            )
+            event.listen(plain, "connect", _sqlite_pragmas)
+            self._connection = plain.connect()
+        # A connection that broke is invalidated, and `begin()` reconnects it.
+        with self._connection.begin():
+            return [job(self._connection) for job in jobs]
+
+    def _close(self) -> None:
+        if self._connection is not None:
+            connection, self._connection = self._connection, None
+            connection.close()
+            connection.engine.dispose()
 
 
 def _log_failure(future: asyncio.Future[Any]) -> None:
