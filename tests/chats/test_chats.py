@@ -818,6 +818,8 @@ async def test_older_turns_are_folded_into_a_summary_the_model_then_sees(
         ]
         # The client still sees the whole conversation.
         assert len((await ada.messages(chat_id)).json()) == 6
+        health = (await served.client.get("/api/health")).json()
+        assert "summaries" not in health["products"]["chats"]  # the chat's own chain writes them
 
 
 async def test_summaries_can_be_written_by_a_chain_of_their_own(
@@ -852,6 +854,9 @@ async def test_summaries_can_be_written_by_a_chain_of_their_own(
             SUMMARY_INSTRUCTION.split("{", 1)[0]
         )
         assert len(fake_gemini.requests) == 2  # the replies
+        chats = (await served.client.get("/api/health")).json()["products"]["chats"]
+        assert chats["chain"] == "gemini:gemini-2.5-flash"
+        assert chats["summaries"]["chain"] == "openai:gpt-summary-mini"
         assert not any(is_summary(r) for r in fake_gemini.requests)
         usage = await db_rows(served, select(UsageRecord).where(UsageRecord.product == "chats"))
         assert sorted((u.provider, u.model) for u in usage) == [

@@ -20,20 +20,23 @@ async def health(request: Request) -> dict[str, Any]:
         **request.app.state.chains,
         "images": request.app.state.image_chain,
     }
+    products = {product: _describe(chain) for product, chain in chains.items()}
+    if (summaries := request.app.state.chat_summary_chain) is not chains["chats"]:
+        products["chats"]["summaries"] = _describe(summaries)  # CHAT_SUMMARY_MODEL
     return {
         "status": "ok",
         "version": __version__,
-        "products": {
-            product: {
-                "provider": chain.primary.provider.name,
-                "model": chain.primary.model,
-                "chain": chain.label,
-                "configured": chain.configured,
-                "offline": chain.primary.provider.name == "offline",
-            }
-            for product, chain in chains.items()
-        }
-        | {"byok": _byok(request.app.state.settings)},
+        "products": products | {"byok": _byok(request.app.state.settings)},
+    }
+
+
+def _describe(chain: ModelChain | ImageChain) -> dict[str, Any]:
+    return {
+        "provider": chain.primary.provider.name,
+        "model": chain.primary.model,
+        "chain": chain.label,
+        "configured": chain.configured,
+        "offline": chain.primary.provider.name == "offline",
     }
 
 
