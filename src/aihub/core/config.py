@@ -272,6 +272,7 @@ class Settings(BaseSettings):
         "s3_secret_access_key",
         "s3_session_token",
         "s3_force_path_style",
+        "chat_summary_model",
         mode="before",
     )
     @classmethod
@@ -325,18 +326,13 @@ class Settings(BaseSettings):
         decode_secret(value.get_secret_value())
         return value
 
-    @field_validator("ideas_model", "challenges_model", "images_model", "chat_model")
+    @field_validator(
+        "ideas_model", "challenges_model", "images_model", "chat_model", "chat_summary_model"
+    )
     @classmethod
-    def _model_chain(cls, value: str) -> str:
-        parse_model_chain(value)
-        return value
-
-    @field_validator("chat_summary_model")
-    @classmethod
-    def _optional_model_chain(cls, value: str | None) -> str | None:
-        if not value or not value.strip():
-            return None  # an empty CHAT_SUMMARY_MODEL= means the chat's own chain
-        parse_model_chain(value)
+    def _model_chain(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_model_chain(value)
         return value
 
     @model_validator(mode="after")
