@@ -61,6 +61,17 @@ TAGS = [
 ]
 
 
+EXPOSED_HEADERS = [
+    "X-Request-ID",
+    "Retry-After",
+    "X-AIHub-Provider",
+    "Idempotent-Replayed",
+    "X-Next-Cursor",  # the next page of `GET /api/chats` and `GET /api/chats/{id}`
+    "X-Chat-Id",  # the chat a `POST /chat` reply belongs to
+]
+"""The response headers a script on another allowed origin may read (beyond the CORS-safelisted
+ones): every header a product sends for its client to read belongs here."""
+
 SHUTDOWN_CLEAN_UP_SECONDS = 5.0
 """How long a stopping server waits for cancelled requests to store what they had."""
 
@@ -100,7 +111,7 @@ def create_app(settings: Settings, *, freeze_gc: bool = False, clock: Clock = ut
         allow_credentials=True,
         allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
         allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID"],
-        expose_headers=["X-Request-ID", "Retry-After", "X-AIHub-Provider", "Idempotent-Replayed"],
+        expose_headers=EXPOSED_HEADERS,
         max_age=600,
     )
     app.state.in_flight = InFlight()

@@ -58,6 +58,7 @@ async def test_the_reply_streams_as_plain_text_the_client_appends(
     assert response.status_code == 200
     assert response.headers["content-type"] == "text/plain; charset=utf-8"
     assert response.headers["cache-control"] == "no-cache, no-transform"
+    assert response.headers["x-aihub-provider"] == "openai:gpt-4.1-mini"
     assert response.text == DEFAULT_TEXT
     sent = fake_openai.last_request
     assert sent.headers["authorization"] == f"Bearer {KEY}"  # the caller's key, not the server's

@@ -337,6 +337,35 @@ async def test_the_list_is_own_chats_most_recent_activity_first_and_paged(
     error_of(bad, 422)
 
 
+async def test_a_browser_on_another_origin_can_read_every_header_meant_for_it(
+    served_chats: Served, fake_clerk: FakeClerk, fake_gemini: FakeGemini
+) -> None:
+    """A frontend served from another allowed origin reads the page cursor and the new chat's
+    id; CORS hides every response header it does not expose."""
+    ada = person(served_chats, fake_clerk)
+    origin = {"Origin": "http://localhost:3000", **ada.headers}
+    await ada.create("first")
+    await ada.create("second")
+    body = {"messages": [turn("user", "hello")]}
+    responses = [
+        await ada.client.get("/api/chats", params={"limit": 1}, headers=origin),
+        await ada.client.post("/chat", json=body, headers=origin),
+    ]
+    assert "x-next-cursor" in responses[0].headers
+    assert "x-chat-id" in responses[1].headers
+    for response in responses:
+        exposed = {
+            name.strip().lower()
+            for name in response.headers["access-control-expose-headers"].split(",")
+        }
+        meant_for_scripts = {
+            name
+            for name in response.headers
+            if name.startswith("x-") and name not in {"x-content-type-options", "x-accel-buffering"}
+        }
+        assert meant_for_scripts <= exposed, response.request.url
+
+
 async def test_rename_answers_json_and_changes_the_title(
     served_chats: Served, fake_clerk: FakeClerk
 ) -> None:

@@ -90,4 +90,5 @@ async def chat(
         provider=opened.provider,
         started_at=started_at,
         keepalive_seconds=settings.sse_keepalive_seconds,
+        headers={"X-AIHub-Provider": f"{opened.provider}:{opened.model}"},
     )
