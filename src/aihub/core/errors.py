@@ -86,9 +86,60 @@ class ErrorRead(BaseModel):
     detail: str = Field(description="What went wrong, for people")
 
 
+class FieldError(BaseModel):
+    loc: list[str | int] = Field(description='Where, e.g. `["body", "prompt"]`')
+    msg: str = Field(description="What is wrong with it (never the submitted value)")
+    type: str = Field(description="Machine-readable kind, e.g. `missing`")
+
+
+class ValidationErrorRead(ErrorRead):
+    """A request that failed validation (422): `detail` says it in one line, `fields` field by
+    field. Replaces FastAPI's default body, which echoes the submitted values."""
+
+    fields: list[FieldError]
+
+
 def error_responses(descriptions: Mapping[int, str]) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses=` for the errors a route can answer."""
-    return {code: {"model": ErrorRead, "description": text} for code, text in descriptions.items()}
+    return {
+        code: {"model": ValidationErrorRead if code == 422 else ErrorRead, "description": text}
+        for code, text in descriptions.items()
+    }
+
+
+_FASTAPI_422 = "#/components/schemas/HTTPValidationError"
+
+
+def document_validation_errors(app: FastAPI) -> None:
+    """Make the OpenAPI document show aihub's 422 body wherever FastAPI put its own default
+    there (every route with inputs that does not declare a 422 of its own)."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        if "ValidationErrorRead" not in components:
+            defined = ValidationErrorRead.model_json_schema(
+                ref_template="#/components/schemas/{model}"
+            )
+            components.update(defined.pop("$defs", {}))
+            components["ValidationErrorRead"] = defined
+        ours = {"$ref": "#/components/schemas/ValidationErrorRead"}
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                content = operation.get("responses", {}).get("422", {}).get("content", {})
+                for media in content.values():
+                    if media.get("schema", {}).get("$ref") == _FASTAPI_422:
+                        media["schema"] = ours
+        if _FASTAPI_422 not in str(schema["paths"]):
+            components.pop("HTTPValidationError", None)
+            components.pop("ValidationError", None)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 ErrorRenderer = Callable[[int, str, str, Mapping[str, str]], Response]
@@ -207,3 +258,4 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, handle_validation_error)
     app.add_exception_handler(StarletteHTTPException, handle_http_exception)
     app.add_middleware(UnexpectedErrorMiddleware)
+    document_validation_errors(app)
