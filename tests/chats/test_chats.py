@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import secrets
 import struct
 import time
@@ -1012,6 +1013,41 @@ async def test_an_uploaded_image_reaches_the_model_with_its_stored_type(
     ndjson(await ada.send("thanks", chat_id=chat_id))
     assert inline_parts(fake_gemini.last_request) == []
     assert seen(fake_gemini.last_request)[0] == ("user", "what is this?\n[attached: cat.png]")
+
+
+async def test_a_file_a_message_uses_can_no_longer_change(
+    served_chats: Served,
+    fake_clerk: FakeClerk,
+    fake_gemini: FakeGemini,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Its upload link is refused once a message used it; and on a backend whose signed upload
+    URLs cannot be revoked (GCS, S3: written here behind aihub's back), an earlier message's
+    file whose bytes changed is left out rather than sent to the model unchecked."""
+    ada = person(served_chats, fake_clerk)
+    upload = await ada.upload("cat.png", "image/png", PNG)
+    lines = ndjson(
+        await ada.send("what is this?", {"text": upload["gcs_url"], "type": "image/png"})
+    )
+    chat_id = lines[0]["chat_id"]
+
+    again = await ada.client.put(
+        upload["url"], content=b"NOT A PNG ANYMORE", headers={"Content-Type": "image/png"}
+    )
+    error_of(again, 409)
+    assert again.json()["error"] == "upload_sealed"
+    async with httpx.AsyncClient(timeout=5) as browser:
+        assert (await browser.get(upload["gcs_url"])).content == PNG
+
+    async with served_chats.app.state.sessions() as session:
+        stored = await session.get(StoredFile, uuid.UUID(upload["file_id"]))
+    assert stored is not None
+    await served_chats.app.state.storage.put(stored.key, b"NOT A PNG", content_type="image/png")
+    with caplog.at_level(logging.WARNING, logger="aihub.chats"):
+        reply = ndjson(await ada.send("what colour is that image?", chat_id=chat_id))
+    assert reply[-1]["done"] is True
+    assert inline_parts(fake_gemini.last_request) == []
+    assert "a chat file changed after it was checked" in caplog.text
 
 
 async def test_a_file_without_text_titles_the_chat_by_its_name(

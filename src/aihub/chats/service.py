@@ -347,9 +347,8 @@ async def _request(
         media: tuple[Part, ...] = ()
         stored = earlier.get(item.id, [])
         if include_media and item.id == last_with_media:
-            media = tuple(
-                [await _part(provider, storage, f, None, options, sessions) for f in stored]
-            )
+            parts = [await _part(provider, storage, f, None, options, sessions) for f in stored]
+            media = tuple(part for part in parts if part is not None)
         turns.append(
             context.Turn(
                 item.role,
@@ -359,9 +358,8 @@ async def _request(
                 sum(context.estimate_media_tokens(f.content_type) for f in stored),
             )
         )
-    new_parts = tuple(
-        [await _part(provider, storage, a.file, a.data, options, sessions) for a in attached]
-    )
+    checked = [await _part(provider, storage, a.file, a.data, options, sessions) for a in attached]
+    new_parts = tuple(part for part in checked if part is not None)  # its bytes were just checked
     new_turn = context.Turn(
         "user",
         new.content,
@@ -395,10 +393,10 @@ async def _part(
     data: bytes | None,
     options: ChatOptions,
     sessions: async_sessionmaker[AsyncSession],
-) -> Part:
+) -> Part | None:
     """A file as the provider takes it: inline bytes, or (large files, where the provider has a
     file API) a reference to the provider's own copy, uploaded once and reused until it
-    expires."""
+    expires. None: an earlier message's file whose bytes changed since they were checked."""
     size = len(data) if data is not None else (stored.size or 0)
     upload = getattr(provider, "upload_file", None)
     if upload is not None and size > options.inline_max_bytes:
@@ -409,8 +407,8 @@ async def _part(
             and stored.provider_uri_expires_at > fresh_until
         ):
             return FileRefPart(stored.provider_uri, stored.content_type)
-        if data is None:
-            data = (await storage.get(stored.key)).data
+        if data is None and (data := await _still_as_checked(storage, stored)) is None:
+            return None
         part: FileRefPart = await upload(data, stored.content_type, display_name=stored.filename)
         expires_at = getattr(part, "expires_at", None)
         async with sessions.begin() as session:
@@ -420,9 +418,21 @@ async def _part(
                 .values(provider_uri=part.uri, provider_uri_expires_at=expires_at)
             )
         return part
-    if data is None:
-        data = (await storage.get(stored.key)).data
+    if data is None and (data := await _still_as_checked(storage, stored)) is None:
+        return None
     return MediaPart(data, stored.content_type)
+
+
+async def _still_as_checked(storage: Storage, stored: StoredFile) -> bytes | None:
+    """An earlier message's file, read again: None (and a warning) if its bytes are no longer
+    the ones checked when it was sent, so the chat goes on without it."""
+    data = (await storage.get(stored.key)).data
+    if files.still_as_checked(stored, data):
+        return data
+    logger.warning(
+        "a chat file changed after it was checked; left out", extra={"file": str(stored.id)}
+    )
+    return None
 
 
 @dataclass

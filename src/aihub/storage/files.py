@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from aihub.core.errors import NotFound, Unprocessable
+from aihub.core.errors import Conflict, NotFound, Unprocessable
 from aihub.storage.base import ObjectNotFound, Storage
 from aihub.storage.models import StoredFile
 from aihub.storage.signing import UrlSigner
@@ -39,6 +39,14 @@ class FileNotFound(NotFound):
 
 class UploadRefused(Unprocessable):
     code = "upload_refused"
+
+
+class UploadSealed(Conflict):
+    code = "upload_sealed"
+    default_message = (
+        "A message uses this file already, so its content can no longer change: upload the new "
+        "content as a new file"
+    )
 
 
 def file_path(file_id: uuid.UUID) -> str:
@@ -166,6 +174,12 @@ async def check_upload(storage: Storage, file: StoredFile, *, max_bytes: int) ->
     if not sniff_matches(file.content_type, data.data):
         raise UploadRefused(f"{file.filename}: its content is not {file.content_type}")
     return data.data
+
+
+def still_as_checked(file: StoredFile, data: bytes) -> bool:
+    """Whether bytes read again are still what was checked on first use. A signed `PUT` URL of
+    GCS or S3 cannot be revoked, so until it expires it could replace them."""
+    return (file.size is None or len(data) == file.size) and sniff_matches(file.content_type, data)
 
 
 _SIGNATURES: dict[str, tuple[bytes, ...]] = {

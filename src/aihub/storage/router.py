@@ -101,7 +101,11 @@ _SIGNED = Annotated[int | None, Query(description="From the signed link")]
     "/api/files/{file_id}",
     summary="Upload a file's bytes (local storage; the signed URL from /api/upload-url)",
     responses=error_responses(
-        {403: "Invalid or expired link, or another Content-Type", 413: "Too large"}
+        {
+            403: "Invalid or expired link, or another Content-Type",
+            409: "A message uses the file already: its content can no longer change",
+            413: "Too large",
+        }
     ),
 )
 async def upload_file(
@@ -136,6 +140,10 @@ async def upload_file(
         raise Forbidden("This upload link is invalid or has expired, or the Content-Type differs")
     if stored is None:
         raise files.FileNotFound()
+    if stored.checked_at is not None:
+        # A message uses these bytes (checked then): new ones would change what the chat holds
+        # and would reach the model unchecked.
+        raise files.UploadSealed()
     # The body limit of this path is UPLOAD_MAX_BYTES (BodySizeLimitMiddleware): 413 beyond.
     data = await request.body()
     await storage.put(stored.key, data, content_type=stored.content_type)
