@@ -1154,6 +1154,7 @@ async def test_delete_removes_the_chat_its_messages_and_their_files(
     assert deleted.status_code == 200
     assert deleted.headers["content-type"] == "application/json"
     assert deleted.json()["chat_id"] == chat_id
+    assert deleted.json()["title"] == "keep this"  # what was deleted, for the client to say
     assert isinstance(deleted.json()["message"], str)
     assert error_of(await ada.messages(chat_id), 404) == "chat_not_found"
     assert [c["chatId"] for c in (await ada.chats()).json()] == [kept]

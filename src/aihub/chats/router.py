@@ -180,9 +180,9 @@ async def delete_chat(
     """Answers with a JSON body (the original frontend expects one), never 204."""
     parsed = _chat_id(chat_id)
     async with sessions.begin() as session:
-        keys = await service.delete_chat(session, user_id=user.id, chat_id=parsed)
-    await files.delete_stored(storage, keys)
-    return ChatChanged(message="Chat deleted", chat_id=str(parsed))
+        deleted = await service.delete_chat(session, user_id=user.id, chat_id=parsed)
+    await files.delete_stored(storage, deleted.keys)
+    return ChatChanged(message="Chat deleted", chat_id=str(parsed), title=deleted.title)
 
 
 # --- the reply -----------------------------------------------------------------------------------

@@ -178,11 +178,18 @@ async def rename_chat(
     return chat
 
 
+@dataclass(frozen=True)
+class DeletedChat:
+    title: str | None
+    keys: list[str]
+    """The storage keys to remove (after the commit)."""
+
+
 async def delete_chat(
     session: AsyncSession, *, user_id: uuid.UUID, chat_id: uuid.UUID
-) -> list[str]:
+) -> DeletedChat:
     """Delete the chat, its messages and the files attached to them (unless another chat uses
-    them too); the storage keys to remove (after the commit)."""
+    them too)."""
     chat = await get_chat(session, user_id=user_id, chat_id=chat_id)
     in_chat = (
         select(ChatMessageFile.file_id)
@@ -203,7 +210,7 @@ async def delete_chat(
         await session.delete(stored_file)
     await session.delete(chat)
     await session.flush()
-    return keys
+    return DeletedChat(chat.title, keys)
 
 
 # --- a reply -------------------------------------------------------------------------------------
