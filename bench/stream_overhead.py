@@ -315,6 +315,7 @@ async def main() -> int:
 
     upstream_port, aihub_port, floor_port = free_port(), free_port(), free_port()
     upstream = f"http://127.0.0.1:{upstream_port}"
+    floor_url = f"http://127.0.0.1:{floor_port}"
     base = f"http://127.0.0.1:{aihub_port}"
     env = {
         k: v
@@ -370,25 +371,33 @@ async def main() -> int:
         await wait_ready(f"{upstream}/health")
         await wait_ready(f"{base}/api/health", timeout=60)
         if args.floor:
-            await wait_ready(f"http://127.0.0.1:{floor_port}/health")
+            await wait_ready(f"{floor_url}/health")
         token = await register(base)
         direct_spec = direct_arm(upstream)
         aihub_spec = byok_arm(base) if args.product == "byok" else aihub_arm(base, token, args.wire)
         # Warm up both paths (connection pools, imports, JIT-free caches).
         await run_burst(Arm("warm"), direct_spec, streams=5, arrival=0.1)
         await run_burst(Arm("warm"), aihub_spec, streams=5, arrival=0.1)
+        if args.floor:
+            await run_burst(Arm("warm"), floor_arm(floor_url), streams=5, arrival=0.1)
 
-        direct, aihub = Arm("direct"), Arm("aihub")
+        floor_spec = floor_arm(floor_url)
+        direct, aihub, floor = Arm("direct"), Arm("aihub"), Arm("floor")
+        single = [(direct, direct_spec), (aihub, aihub_spec)]
+        if args.floor:
+            single.append((floor, floor_spec))
         for _ in range(args.single):
-            await run_burst(direct, direct_spec, streams=1, arrival=0)
-            await run_burst(aihub, aihub_spec, streams=1, arrival=0)
+            for arm, spec in single:
+                await run_burst(arm, spec, streams=1, arrival=0)
         ok = report("1 stream at a time", direct, aihub, {"ttft_p50": 0.003})
+        if args.floor:
+            report("the same, through the floor relay (no targets)", direct, floor, {})
 
         direct, aihub = Arm("direct"), Arm("aihub", relay=[processes[1].pid])
         order = [(direct, direct_spec), (aihub, aihub_spec)]
         floor = Arm("floor", relay=[processes[-1].pid])
         if args.floor:
-            order.append((floor, floor_arm(f"http://127.0.0.1:{floor_port}")))
+            order.append((floor, floor_spec))
         for round_ in range(args.rounds):
             for arm, spec in order if round_ % 2 == 0 else reversed(order):
                 burst = run_burst(arm, spec, streams=args.streams, arrival=args.arrival)
