@@ -304,7 +304,7 @@ async def main() -> int:
     parser.add_argument(
         "--floor",
         action="store_true",
-        help="add the concurrent streams through bench/relay_floor.py, for scale",
+        help="add an arm through bench/relay_floor.py (both phases), for scale",
     )
     parser.add_argument(
         "--floor-sdk",
