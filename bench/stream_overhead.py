@@ -1,14 +1,17 @@
 """What aihub adds to a stream: a product's stream through aihub vs its upstream called directly.
 
-    uv run python bench/stream_overhead.py [--product ideas|byok] [--streams 300] [--arrival 3]
+    uv run python bench/stream_overhead.py [--product ideas|byok|chats] [--streams 300]
 
 `--product ideas` (the default) measures `GET /api`, the business-idea stream (`--wire markdown`
 as the original client reads it, or `--wire json`); `--product byok` measures `POST /api/chat`,
-the bring-your-own-key relay, read as the plain text its client appends.
+the bring-your-own-key relay, read as the plain text its client appends; `--product chats`
+measures `POST /chat`, a new Gemini chat read as the NDJSON its client splits (no targets: the
+issues set none for it yet; the fake sends one token per event, far finer than Gemini does).
 
-Starts a fake OpenAI upstream (100 tokens at 20 ms) and `aihub serve` as separate processes on
-loopback ports, then measures, at the client, the time to first token and the largest gap between
-chunks of each stream, for both arms in the same run with the arms interleaved (ABBA). Prints the
+Starts a fake OpenAI (or Gemini) upstream (100 tokens at 20 ms) and `aihub serve` as separate
+processes on loopback ports, then measures, at the client, the time to first token and the largest
+gap between chunks of each stream, for both arms in the same run with the arms interleaved (ABBA).
+Prints the
 added time to first token (p50, p99), the added largest gap (p99) and the ratios to the direct
 arm, for 1 stream at a time and for N streams arriving over a few seconds and held open together.
 
@@ -187,6 +190,34 @@ def byok_arm(base: str) -> ArmSpec:
     return request, None
 
 
+GEMINI_PATH = "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse"
+CHAT_TURN = {"role": "user", "parts": [{"text": "Plan a weekend in Lisbon"}]}
+
+
+def gemini_direct_arm(upstream: str) -> ArmSpec:
+    def request(session: aiohttp.ClientSession) -> Awaitable[aiohttp.ClientResponse]:
+        return session.post(
+            f"{upstream}{GEMINI_PATH}",
+            json={"contents": [CHAT_TURN]},
+            headers={"x-goog-api-key": "bench-gemini-key"},
+        )
+
+    return request, lambda line: line.startswith(b"data: ") and b'"text"' in line
+
+
+def chats_arm(base: str, token: str) -> ArmSpec:
+    """A new chat's first reply, as the Raven client reads it: NDJSON `{"response"}` lines."""
+
+    def request(session: aiohttp.ClientSession) -> Awaitable[aiohttp.ClientResponse]:
+        return session.post(
+            f"{base}/chat",
+            json={"messages": [CHAT_TURN]},
+            headers={"Authorization": f"Bearer {token}"},
+        )
+
+    return request, lambda line: line.startswith(b'{"response"')
+
+
 def floor_arm(base: str) -> ArmSpec:
     """The floor relay (`bench/relay_floor.py`), read as plain text like the BYOK chat."""
 
@@ -288,7 +319,7 @@ async def main() -> int:
     parser.add_argument("--single", type=int, default=30, help="sequential streams per arm")
     parser.add_argument("--rounds", type=int, default=2, help="ABBA rounds of the concurrent test")
     parser.add_argument("--workers", type=int, default=1, help="aihub worker processes")
-    parser.add_argument("--product", choices=["ideas", "byok"], default="ideas")
+    parser.add_argument("--product", choices=["ideas", "byok", "chats"], default="ideas")
     parser.add_argument(
         "--database-url", help="aihub's DATABASE_URL (default: SQLite in a scratch folder)"
     )
@@ -312,6 +343,9 @@ async def main() -> int:
         help="the floor relay opens the upstream through the openai SDK, as aihub does",
     )
     args = parser.parse_args()
+    chats = args.product == "chats"
+    if chats and args.floor:
+        parser.error("the floor relay speaks OpenAI's API: not with --product chats")
 
     upstream_port, aihub_port, floor_port = free_port(), free_port(), free_port()
     upstream = f"http://127.0.0.1:{upstream_port}"
@@ -331,7 +365,7 @@ async def main() -> int:
             [
                 sys.executable,
                 "-m",
-                "tests.fakes.openai",
+                "tests.fakes.gemini" if chats else "tests.fakes.openai",
                 "--port",
                 str(upstream_port),
                 "--tokens",
@@ -340,7 +374,7 @@ async def main() -> int:
                 str(DELAY_MS),
             ],
             env,
-            scratch / "openai.log",
+            scratch / "upstream.log",
         ),
         start(
             [sys.executable, "-m", "aihub.cli", "serve", "--port", str(aihub_port)],
@@ -350,6 +384,11 @@ async def main() -> int:
                 **({"DATABASE_URL": args.database_url} if args.database_url else {}),
                 "OPENAI_API_KEY": "sk-bench-0000000000",
                 "OPENAI_BASE_URL": f"{upstream}/v1",
+                **(
+                    {"GEMINI_API_KEY": "bench-gemini-key", "GEMINI_BASE_URL": upstream}
+                    if chats
+                    else {}
+                ),
                 "LOG_LEVEL": "WARNING",
                 "AUTH_ALLOW_REGISTRATION": "true",
                 "PROVIDER_MAX_RETRIES": "0",
@@ -357,6 +396,7 @@ async def main() -> int:
                 # The quota stays on (every stream reserves a unit, as in production), just
                 # large enough for every round of the benchmark.
                 "IDEAS_DAILY_QUOTA": "unlimited" if args.no_quota else "1000000000",
+                "CHATS_DAILY_QUOTA": "1000000000",
                 # Likewise the per-client rate limit of the bring-your-own-key chat.
                 "BYOK_RATE_LIMIT": "1000000/second",
             },
@@ -373,8 +413,12 @@ async def main() -> int:
         if args.floor:
             await wait_ready(f"{floor_url}/health")
         token = await register(base)
-        direct_spec = direct_arm(upstream)
-        aihub_spec = byok_arm(base) if args.product == "byok" else aihub_arm(base, token, args.wire)
+        direct_spec = gemini_direct_arm(upstream) if chats else direct_arm(upstream)
+        aihub_spec = {
+            "ideas": lambda: aihub_arm(base, token, args.wire),
+            "byok": lambda: byok_arm(base),
+            "chats": lambda: chats_arm(base, token),
+        }[args.product]()
         # Warm up both paths (connection pools, imports, JIT-free caches).
         await run_burst(Arm("warm"), direct_spec, streams=5, arrival=0.1)
         await run_burst(Arm("warm"), aihub_spec, streams=5, arrival=0.1)
@@ -389,7 +433,7 @@ async def main() -> int:
         for _ in range(args.single):
             for arm, spec in single:
                 await run_burst(arm, spec, streams=1, arrival=0)
-        ok = report("1 stream at a time", direct, aihub, {"ttft_p50": 0.003})
+        ok = report("1 stream at a time", direct, aihub, {} if chats else {"ttft_p50": 0.003})
         if args.floor:
             report("the same, through the floor relay (no targets)", direct, floor, {})
 
@@ -407,7 +451,7 @@ async def main() -> int:
                 f"{args.streams} streams arriving over {args.arrival:g} s",
                 direct,
                 aihub,
-                {"ttft_p50": 0.025, "ttft_p99": 0.100, "gap_p99": 0.050},
+                {} if chats else {"ttft_p50": 0.025, "ttft_p99": 0.100, "gap_p99": 0.050},
                 rate=args.streams / args.arrival,
             )
             and ok
@@ -420,11 +464,14 @@ async def main() -> int:
                 {},
                 rate=args.streams / args.arrival,
             )
-        print("\nall targets met" if ok else "\nsome targets missed")
+        if chats:
+            print("\nno targets for chats yet" + ("" if ok else " (failures)"))
+        else:
+            print("\nall targets met" if ok else "\nsome targets missed")
         finished = True
         return 0 if ok else 1
     finally:
-        logs = [scratch / "openai.log", scratch / "aihub.log"]
+        logs = [scratch / "upstream.log", scratch / "aihub.log"]
         logs += [scratch / "floor.log"] if args.floor else []
         stop(processes, logs, failed=not finished)
         shutil.rmtree(scratch, ignore_errors=True)
