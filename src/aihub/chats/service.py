@@ -308,7 +308,7 @@ async def start_reply(
 
     try:
         request = await _request(
-            sessions, storage, provider, chat_id, user_message, attached, search, options
+            sessions, storage, provider, chat_id, user_message, attached, search, options, created
         )
         opened = await opening(chain.open_stream(request))
     except BaseException as exc:
@@ -341,12 +341,20 @@ async def _request(
     attached: Sequence[_Attached],
     search: bool,
     options: ChatOptions,
+    created: bool,
 ) -> TextRequest:
-    async with sessions() as session:
-        chat = await session.get(Chat, chat_id, populate_existing=True)
-        assert chat is not None
-        history = await _history(session, chat, before=new)
-        earlier = await attachments_of(session, [m.id for m in history])
+    """The model's request: the chat's summary, the stored turns that fit, the new message. A
+    chat this request created has nothing before its new message, so nothing is read."""
+    summary: str | None = None
+    history: list[ChatMessage] = []
+    earlier: dict[uuid.UUID, list[StoredFile]] = {}
+    if not created:
+        async with sessions() as session:
+            chat = await session.get(Chat, chat_id, populate_existing=True)
+            assert chat is not None
+            summary = chat.summary
+            history = await _history(session, chat, before=new)
+            earlier = await attachments_of(session, [m.id for m in history])
     include_media = context.refers_to_media(new.content)
     turns: list[context.Turn] = []
     last_with_media = next((m.id for m in reversed(history) if earlier.get(m.id)), None)
@@ -379,7 +387,7 @@ async def _request(
     )
     return TextRequest(
         messages=messages,
-        system=context.system_prompt(options.system_prompt, chat.summary),
+        system=context.system_prompt(options.system_prompt, summary),
         grounding=search,
     )
 
