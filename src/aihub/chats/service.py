@@ -9,6 +9,7 @@ the client leaves or the provider fails mid-way.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import time
@@ -19,12 +20,12 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import anyio
-from sqlalchemy import func, select, update
+from sqlalchemy import Connection, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from aihub.chats import context
 from aihub.chats.models import Chat, ChatMessage, ChatMessageFile
-from aihub.core.db import utcnow
+from aihub.core.db import AppSessions, utcnow
 from aihub.core.errors import NotFound, Unprocessable
 from aihub.core.pagination import page_newest_first
 from aihub.core.sse import StopReason, StreamEvent, stop_reason
@@ -46,7 +47,13 @@ from aihub.storage import files
 from aihub.storage.base import Storage
 from aihub.storage.models import StoredFile
 from aihub.usage import quotas
-from aihub.usage.service import record_failed_attempts, record_usage
+from aihub.usage.service import (
+    failed_attempt_rows,
+    insert_usage,
+    record_failed_attempts,
+    record_usage,
+    usage_row,
+)
 
 logger = logging.getLogger("aihub.chats")
 
@@ -238,7 +245,7 @@ class _Attached:
 
 
 async def start_reply(
-    sessions: async_sessionmaker[AsyncSession],
+    sessions: AppSessions,
     *,
     storage: Storage,
     chain: ModelChain,
@@ -270,41 +277,24 @@ async def start_reply(
         for f in stored
     ]
 
-    async with sessions.begin() as session:
-        created = chat is None
-        title = title_from(message.text, [a.file.filename for a in attached])
-        if chat is None:
-            chat = await create_chat(session, user_id=user_id, title=title, now=now)
-        elif chat.title is None:
-            # Created empty (the original client creates the chat first): named by its first
-            # message, unless someone named it meanwhile.
-            await session.execute(
-                update(Chat).where(Chat.id == chat.id, Chat.title.is_(None)).values(title=title)
-            )
-        await quotas.reserve(
-            session, user_id=user_id, product="chats", policy=options.policy, now=now
-        )
-        user_message = ChatMessage(
-            id=uuid.uuid4(), chat_id=chat.id, role="user", content=message.text, created_at=now
-        )
-        session.add(user_message)
-        await session.flush()
-        for position, item in enumerate(attached):
-            session.add(
-                ChatMessageFile(message_id=user_message.id, position=position, file_id=item.file.id)
-            )
-        for item in attached:
-            await session.execute(
-                update(StoredFile)
-                .where(StoredFile.id == item.file.id)
-                .values(
-                    size=len(item.data),
-                    checked_at=now,
-                    attached_at=func.coalesce(StoredFile.attached_at, now),
-                )
-            )
-        await session.execute(update(Chat).where(Chat.id == chat.id).values(updated_at=now))
-    chat_id = chat.id
+    created = chat is None
+    title = title_from(message.text, [a.file.filename for a in attached])
+    chat_id = uuid.uuid4() if chat is None else chat.id
+    user_message = ChatMessage(
+        id=uuid.uuid4(), chat_id=chat_id, role="user", content=message.text, created_at=now
+    )
+    await sessions.write(
+        functools.partial(
+            _store_message,
+            message=user_message,
+            user_id=user_id,
+            new_chat_title=title if created else None,
+            title_if_unnamed=title if chat is not None and chat.title is None else None,
+            attached=[(a.file.id, len(a.data)) for a in attached],
+            policy=options.policy,
+        ),
+        undo=lambda _: functools.partial(quotas.give_back, user_id=user_id, product="chats"),
+    )
 
     try:
         request = await _request(
@@ -322,6 +312,81 @@ async def start_reply(
         raise
     record = _Recorder(sessions, user_id, chat_id, opened, started, after_reply, clock)
     return Reply(chat_id, created, opened.provider, opened.model, record.events(created))
+
+
+def _store_message(
+    connection: Connection,
+    *,
+    message: ChatMessage,
+    user_id: uuid.UUID,
+    new_chat_title: str | None,
+    title_if_unnamed: str | None,
+    attached: Sequence[tuple[uuid.UUID, int]],
+    policy: quotas.QuotaPolicy | None,
+) -> None:
+    """The user's message, charged one unit, in one transaction (an `AppSessions.write` job: on
+    SQLite one trip to the writer thread, batched with other writes, instead of a trip per
+    statement). `new_chat_title`: the chat is created with the message; `title_if_unnamed`: a
+    chat created empty (the original client creates it first) is named by its first message,
+    unless someone named it meanwhile. `attached`: the checked files (id, size)."""
+    now = message.created_at
+    if new_chat_title is not None:
+        connection.execute(
+            insert(Chat).values(
+                id=message.chat_id,
+                user_id=user_id,
+                title=new_chat_title,
+                created_at=now,
+                updated_at=now,
+            )
+        )
+    elif title_if_unnamed is not None:
+        connection.execute(
+            update(Chat)
+            .where(Chat.id == message.chat_id, Chat.title.is_(None))
+            .values(title=title_if_unnamed)
+        )
+    quotas.take(connection, user_id=user_id, product="chats", policy=policy, now=now)
+    connection.execute(
+        insert(ChatMessage).values(
+            id=message.id,
+            chat_id=message.chat_id,
+            role=message.role,
+            content=message.content,
+            created_at=now,
+        )
+    )
+    for position, (file_id, size) in enumerate(attached):
+        link = {"message_id": message.id, "position": position, "file_id": file_id}
+        connection.execute(insert(ChatMessageFile).values(link))
+        connection.execute(
+            update(StoredFile)
+            .where(StoredFile.id == file_id)
+            .values(
+                size=size, checked_at=now, attached_at=func.coalesce(StoredFile.attached_at, now)
+            )
+        )
+    if new_chat_title is None:
+        connection.execute(update(Chat).where(Chat.id == message.chat_id).values(updated_at=now))
+
+
+def _store_reply(
+    connection: Connection,
+    *,
+    reply: dict[str, Any] | None,
+    refund_user: uuid.UUID | None,
+    usage_rows: list[dict[str, Any]],
+    chat_id: uuid.UUID,
+    now: datetime,
+) -> None:
+    """The model's reply (None: nothing came, and `refund_user` gets the unit back) with its
+    usage rows, in one transaction (an `AppSessions.write` job)."""
+    if reply is not None:
+        connection.execute(insert(ChatMessage).values(reply))
+    elif refund_user is not None:
+        quotas.give_back(connection, user_id=refund_user, product="chats")
+    insert_usage(connection, usage_rows)
+    connection.execute(update(Chat).where(Chat.id == chat_id).values(updated_at=now))
 
 
 def _check_accepted(provider: TextProvider, stored: Sequence[StoredFile]) -> None:
@@ -454,7 +519,7 @@ async def _still_as_checked(storage: Storage, stored: StoredFile) -> bytes | Non
 class _Recorder:
     """Relays the model's events and stores the reply when the stream ends, however it ends."""
 
-    sessions: async_sessionmaker[AsyncSession]
+    sessions: AppSessions
     user_id: uuid.UUID
     chat_id: uuid.UUID
     opened: OpenedStream
@@ -517,47 +582,52 @@ class _Recorder:
         text = "".join(self.text)
         latency_ms = round((time.perf_counter() - self.started) * 1000)
         message_id: uuid.UUID | None = None
+        now = self.clock()
+        usage = self.usage
+        reply: dict[str, Any] | None = None
+        if text or finished:
+            message_id = uuid.uuid4()
+            reply = {
+                "id": message_id,
+                "created_at": now,
+                "chat_id": self.chat_id,
+                "role": "assistant",
+                "content": text,
+                "status": "complete" if finished else "incomplete",
+                "provider": self.opened.provider,
+                "model": self.opened.model,
+                "input_tokens": usage.input_tokens if usage else None,
+                "output_tokens": usage.output_tokens if usage else None,
+                "citations": self.citations or None,
+                "error": error.code if error else stopped,
+            }
+        rows = failed_attempt_rows(
+            user_id=self.user_id, product="chats", attempts=self.opened.failed
+        )
+        rows.append(
+            usage_row(
+                user_id=self.user_id,
+                product="chats",
+                provider=self.opened.provider,
+                model=self.opened.model,
+                latency_ms=latency_ms,
+                outcome="succeeded" if finished else "incomplete",
+                input_tokens=usage.input_tokens if usage else None,
+                output_tokens=usage.output_tokens if usage else None,
+                error=error.code if error else None,
+            )
+        )
         try:
-            async with self.sessions.begin() as session:
-                now = self.clock()
-                if text or finished:
-                    message_id = uuid.uuid4()
-                    session.add(
-                        ChatMessage(
-                            id=message_id,
-                            created_at=now,
-                            chat_id=self.chat_id,
-                            role="assistant",
-                            content=text,
-                            status="complete" if finished else "incomplete",
-                            provider=self.opened.provider,
-                            model=self.opened.model,
-                            input_tokens=self.usage.input_tokens if self.usage else None,
-                            output_tokens=self.usage.output_tokens if self.usage else None,
-                            citations=self.citations or None,
-                            error=error.code if error else stopped,
-                        )
-                    )
-                elif not finished:
-                    await quotas.refund(session, user_id=self.user_id, product="chats")
-                record_failed_attempts(
-                    session, user_id=self.user_id, product="chats", attempts=self.opened.failed
+            await self.sessions.write(
+                functools.partial(
+                    _store_reply,
+                    reply=reply,
+                    refund_user=self.user_id if reply is None else None,
+                    usage_rows=rows,
+                    chat_id=self.chat_id,
+                    now=now,
                 )
-                record_usage(
-                    session,
-                    user_id=self.user_id,
-                    product="chats",
-                    provider=self.opened.provider,
-                    model=self.opened.model,
-                    latency_ms=latency_ms,
-                    outcome="succeeded" if finished else "incomplete",
-                    input_tokens=self.usage.input_tokens if self.usage else None,
-                    output_tokens=self.usage.output_tokens if self.usage else None,
-                    error=error.code if error else None,
-                )
-                await session.execute(
-                    update(Chat).where(Chat.id == self.chat_id).values(updated_at=now)
-                )
+            )
         except Exception:
             logger.exception("could not store a chat reply", extra={"chat_id": str(self.chat_id)})
             return None
