@@ -93,10 +93,14 @@ class FieldError(BaseModel):
 
 
 class ValidationErrorRead(ErrorRead):
-    """A request that failed validation (422): `detail` says it in one line, `fields` field by
-    field. Replaces FastAPI's default body, which echoes the submitted values."""
+    """A 422: `detail` says what is wrong in one line. Replaces FastAPI's default body, which
+    echoes the submitted values."""
 
-    fields: list[FieldError]
+    fields: list[FieldError] = Field(
+        default_factory=list,
+        description="A request that failed validation: each invalid field (absent for a request "
+        "that was valid but cannot be processed, e.g. an upload refused on first use)",
+    )
 
 
 def error_responses(descriptions: Mapping[int, str]) -> dict[int | str, dict[str, Any]]:
