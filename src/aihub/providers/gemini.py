@@ -5,7 +5,8 @@ closing the outermost one leaves the HTTP response open until the garbage collec
 adapter therefore hands the SDK its own `httpx2.AsyncClient`, whose response hook records each
 streamed response of the current call (through a context variable set only around each `anext`),
 and closes those responses itself when the consumer stops listening. With an httpx client the
-SDK's timeout is also a per-read timeout rather than a deadline for the whole stream.
+SDK's timeout is also a per-read timeout rather than a deadline for the whole stream. The client
+runs on aiohttp (`aihub.providers.http`), as the OpenAI adapter's does.
 
 Files too large to send inline go through Gemini's file API (`upload_file`): the SDK opens a
 resumable upload session, sends the bytes (from memory) in 8 MB chunks, and the adapter then
@@ -54,6 +55,7 @@ from aihub.providers.base import (
     error_for_status,
     parse_retry_after,
 )
+from aihub.providers.http import aiohttp_transport
 
 _FINISH_REASONS = {
     "STOP": "stop",
@@ -121,6 +123,8 @@ class GeminiProvider(TextProvider):
             limits=_LIMITS,
             cookies=NoCookies(),
             event_hooks={"response": [_track_response]},
+            # It reads the CA bundle: now, at start-up (providers are built off the loop).
+            transport=aiohttp_transport(_LIMITS, httpx2.create_ssl_context()),
         )
         options = types.HttpOptions(
             base_url=base_url,

@@ -18,7 +18,6 @@ import aiohttp
 import httpx2
 import openai
 import orjson
-from openai._vendor.httpx_aiohttp import AiohttpTransport  # what DefaultAioHttpClient runs on
 
 from aihub.providers.base import (
     FileRefPart,
@@ -38,34 +37,21 @@ from aihub.providers.base import (
     error_for_status,
     parse_retry_after,
 )
+from aihub.providers.http import aiohttp_transport
 
 
 def _http_client() -> httpx2.AsyncClient:
-    """The SDK's aiohttp-backed client, keeping no cookies at either layer.
-
-    One client serves every caller, and with bring-your-own-key every caller's key: a cookie that
-    one upstream answer sets (a load balancer's, a proxy's session) must not ride along on anybody
-    else's request. The SDK's default client keeps them (aiohttp's jar stores them, httpx2's too),
-    so the aiohttp session is built here, with the connection limits the SDK's default uses.
-    """
+    """The SDK's aiohttp-backed client (`aiohttp_transport`), keeping no cookies at either
+    layer (the SDK's default client keeps them: aiohttp's jar stores them, httpx2's too)."""
     # Idle connections go after 4 s: uvicorn, which most OpenAI-compatible servers run on (vLLM,
     # LiteLLM), closes them after 5 s, and a request sent on one it is closing fails.
     limits = httpx2.Limits(max_connections=1000, max_keepalive_connections=100, keepalive_expiry=4)
     ssl_context = httpx2.create_ssl_context()  # now, at start-up: it reads the CA bundle
-
-    def session() -> aiohttp.ClientSession:  # built on first use, inside the event loop
-        connector = aiohttp.TCPConnector(
-            limit=limits.max_connections or 0,
-            keepalive_timeout=limits.keepalive_expiry,
-            ssl=ssl_context,
-        )
-        return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
-
     return openai.DefaultAioHttpClient(
         limits=limits,
         verify=ssl_context,
         cookies=NoCookies(),
-        transport=AiohttpTransport(verify=ssl_context, limits=limits, client=session),
+        transport=aiohttp_transport(limits, ssl_context),
     )
 
 
