@@ -288,8 +288,8 @@ async def start_reply(
             _store_message,
             message=user_message,
             user_id=user_id,
-            new_chat_title=title if created else None,
-            title_if_unnamed=title if chat is not None and chat.title is None else None,
+            created=created,
+            title=title if chat is None or chat.title is None else None,
             attached=[(a.file.id, len(a.data)) for a in attached],
             policy=options.policy,
         ),
@@ -319,32 +319,23 @@ def _store_message(
     *,
     message: ChatMessage,
     user_id: uuid.UUID,
-    new_chat_title: str | None,
-    title_if_unnamed: str | None,
+    created: bool,
+    title: str | None,
     attached: Sequence[tuple[uuid.UUID, int]],
     policy: quotas.QuotaPolicy | None,
 ) -> None:
     """The user's message, charged one unit, in one transaction (an `AppSessions.write` job: on
     SQLite one trip to the writer thread, batched with other writes, instead of a trip per
-    statement). `new_chat_title`: the chat is created with the message; `title_if_unnamed`: a
-    chat created empty (the original client creates it first) is named by its first message,
-    unless someone named it meanwhile. `attached`: the checked files (id, size)."""
+    statement). `created`: the chat is created with the message, named `title`; otherwise a
+    `title` names a chat created empty (the original client creates it first), unless someone
+    named it meanwhile. `attached`: the checked files (id, size)."""
     now = message.created_at
-    if new_chat_title is not None:
+    if created:
+        values = {"user_id": user_id, "title": title, "created_at": now, "updated_at": now}
+        connection.execute(insert(Chat).values(id=message.chat_id, **values))
+    elif title is not None:
         connection.execute(
-            insert(Chat).values(
-                id=message.chat_id,
-                user_id=user_id,
-                title=new_chat_title,
-                created_at=now,
-                updated_at=now,
-            )
-        )
-    elif title_if_unnamed is not None:
-        connection.execute(
-            update(Chat)
-            .where(Chat.id == message.chat_id, Chat.title.is_(None))
-            .values(title=title_if_unnamed)
+            update(Chat).where(Chat.id == message.chat_id, Chat.title.is_(None)).values(title=title)
         )
     quotas.take(connection, user_id=user_id, product="chats", policy=policy, now=now)
     connection.execute(
@@ -366,7 +357,7 @@ def _store_message(
                 size=size, checked_at=now, attached_at=func.coalesce(StoredFile.attached_at, now)
             )
         )
-    if new_chat_title is None:
+    if not created:
         connection.execute(update(Chat).where(Chat.id == message.chat_id).values(updated_at=now))
 
 
@@ -374,17 +365,17 @@ def _store_reply(
     connection: Connection,
     *,
     reply: dict[str, Any] | None,
-    refund_user: uuid.UUID | None,
+    user_id: uuid.UUID,
     usage_rows: list[dict[str, Any]],
     chat_id: uuid.UUID,
     now: datetime,
 ) -> None:
-    """The model's reply (None: nothing came, and `refund_user` gets the unit back) with its
-    usage rows, in one transaction (an `AppSessions.write` job)."""
+    """The model's reply (None: nothing came, and the user gets the unit back) with its usage
+    rows, in one transaction (an `AppSessions.write` job)."""
     if reply is not None:
         connection.execute(insert(ChatMessage).values(reply))
-    elif refund_user is not None:
-        quotas.give_back(connection, user_id=refund_user, product="chats")
+    else:
+        quotas.give_back(connection, user_id=user_id, product="chats")
     insert_usage(connection, usage_rows)
     connection.execute(update(Chat).where(Chat.id == chat_id).values(updated_at=now))
 
@@ -622,7 +613,7 @@ class _Recorder:
                 functools.partial(
                     _store_reply,
                     reply=reply,
-                    refund_user=self.user_id if reply is None else None,
+                    user_id=self.user_id,
                     usage_rows=rows,
                     chat_id=self.chat_id,
                     now=now,
