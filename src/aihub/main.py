@@ -72,6 +72,10 @@ EXPOSED_HEADERS = [
 """The response headers a script on another allowed origin may read (beyond the CORS-safelisted
 ones): every header a product sends for its client to read belongs here."""
 
+CONVERSATION_BODY_BYTES = 16 * 1024 * 1024
+"""The body limit (at least) of the routes whose clients send their whole conversation with every
+message (`POST /chat`, `POST /api/chat`): a long chat must not become one nobody can write to."""
+
 SHUTDOWN_CLEAN_UP_SECONDS = 5.0
 """How long a stopping server waits for cancelled requests to store what they had."""
 
@@ -95,14 +99,17 @@ def create_app(settings: Settings, *, freeze_gc: bool = False, clock: Clock = ut
     app.add_route("/metrics", metrics_endpoint, include_in_schema=False)
     install_error_handlers(app)  # innermost: its 500s pass through CORS
     app.add_exception_handler(IntegrityError, handle_integrity_error)
+    conversation_bytes = max(settings.max_request_body_bytes, CONVERSATION_BODY_BYTES)
     app.add_middleware(
         BodySizeLimitMiddleware,
         max_bytes=settings.max_request_body_bytes,
         larger={
             # The browser's upload of a file's bytes, checked again by the route itself.
             ("PUT", "/api/files/"): settings.upload_max_bytes,
-            # The chats client sends the whole conversation with every message.
-            ("POST", "/chat"): max(settings.max_request_body_bytes, 16 * 1024 * 1024),
+            # The chats and bring-your-own-key clients send the whole conversation with every
+            # message and never trim it.
+            ("POST", "/chat"): conversation_bytes,
+            ("POST", "/api/chat"): conversation_bytes,
         },
     )
     app.add_middleware(

@@ -125,6 +125,24 @@ async def test_a_long_history_is_windowed_to_its_most_recent_entries(
     assert sent[-2]["content"] == "message 69"
 
 
+async def test_a_conversation_longer_than_the_usual_body_limit_still_gets_answered(
+    served_byok: Served, fake_openai: FakeOpenAI
+) -> None:
+    """The client never trims its history: 80 long replies (1.2 MB, over `MAX_REQUEST_BODY_BYTES`)
+    must not make the chat one nobody can write to, nor one reply longer than any other."""
+    history = [
+        {"role": "user" if i % 2 == 0 else "ai", "content": f"{i}:" + "x" * 15_000}
+        for i in range(80)
+    ]
+    history[-1]["content"] = "a very long reply " * 20_000  # 360,000 characters
+
+    response = await chat(served_byok.client, chat_body(chat_history=history))
+
+    assert response.status_code == 200
+    assert response.text == DEFAULT_TEXT
+    assert fake_openai.last_request.json["messages"][-2]["content"] == history[-1]["content"]
+
+
 async def test_the_window_follows_the_setting(make_app: MakeApp, fake_openai: FakeOpenAI) -> None:
     async with make_app(byok_max_history=2, byok_rate_limit="unlimited") as served:
         history = [{"role": "user", "content": f"m{i}"} for i in range(5)]
@@ -146,6 +164,7 @@ async def test_the_window_follows_the_setting(make_app: MakeApp, fake_openai: Fa
         ({"api_key": "sk-short"}, "api_key"),
         ({"api_key": "sk-has spaces in it 1234567890"}, "api_key"),
         ({"api_key": ""}, "api_key"),
+        ({"api_key": "sk-" + "a" * 30 + "\n"}, "api_key"),  # would be a header injection
         ({"chat_history": [{"role": "system", "content": "x"}]}, "chat_history"),
         ({"chat_history": "not a list"}, "chat_history"),
     ],

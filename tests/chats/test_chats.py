@@ -594,6 +594,25 @@ async def test_only_a_user_message_can_be_last(served_chats: Served, fake_clerk:
     assert (await ada.chats()).json() == []
 
 
+async def test_a_long_conversation_stays_writable_and_only_the_new_message_is_bounded(
+    served_chats: Served, fake_clerk: FakeClerk, fake_gemini: FakeGemini
+) -> None:
+    """The client sends back every reply it got, however long, and never trims its history: an
+    earlier turn is not the new message, and no length of its own may refuse the chat's every
+    later message. The body may be larger than `MAX_REQUEST_BODY_BYTES` for the same reason."""
+    ada = person(served_chats, fake_clerk)
+    chat_id = ndjson(await ada.send("Tell me a very long story."))[0]["chat_id"]
+    long_reply = "Once upon a time. " * 70_000  # 1.26 million characters
+    history = [turn("user", "Tell me a very long story."), turn("assistant", long_reply)]
+
+    answered = ndjson(await ada.send("Thanks!", chat_id=chat_id, history=history))
+
+    assert "".join(line.get("response", "") for line in answered) == fake_gemini.text
+    too_long = await ada.send("x" * 100_001, chat_id=chat_id)
+    assert error_of(too_long, 422) == "validation_error"
+    assert "100000 characters" in too_long.json()["detail"]
+
+
 async def test_the_user_message_is_stored_before_the_reply_arrives(
     served_chats: Served, fake_clerk: FakeClerk, fake_gemini: FakeGemini
 ) -> None:

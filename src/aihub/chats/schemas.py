@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from aihub.core.text import Text, plain_text
+
+MAX_MESSAGE_CHARS = 100_000
+"""The longest text part of a new chat message."""
 
 
 class ChatRead(BaseModel):
@@ -19,7 +24,7 @@ class ChatCreate(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     user_id: str | None = Field(default=None, description="Ignored: the token decides the owner")
-    title: str | None = Field(default=None, max_length=200)
+    title: Text | None = Field(default=None, max_length=200)
 
 
 class ChatCreated(BaseModel):
@@ -28,7 +33,7 @@ class ChatCreated(BaseModel):
 
 
 class ChatRename(BaseModel):
-    title: str = Field(min_length=1, max_length=200)
+    title: Text = Field(min_length=1, max_length=200)
 
     @field_validator("title")
     @classmethod
@@ -66,7 +71,10 @@ class MessageRead(BaseModel):
 class IncomingPart(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
-    text: str = Field(default="", max_length=100_000)
+    text: str = Field(default="")
+    """Unbounded here: an earlier turn is the client's copy of a reply (however long the model
+    made it), sent with every later message and never trimmed. The new message's text is
+    bounded (`MAX_MESSAGE_CHARS`), the request by its size limit."""
     type: str | None = Field(default=None, max_length=100)
     mimeType: str | None = Field(
         default=None, max_length=100, validation_alias=AliasChoices("mimeType", "mime_type")
@@ -88,3 +96,13 @@ class ChatRequest(BaseModel):
         default=None, max_length=64, validation_alias=AliasChoices("chatId", "chat_id")
     )
     search: bool = Field(default=False, description="Ground the answer in Google Search (Gemini)")
+
+    @model_validator(mode="after")
+    def _new_message_fits(self) -> ChatRequest:
+        """Only the last turn is read (the rest is the client's copy of the history), so only
+        its text is checked."""
+        for part in self.messages[-1].parts:
+            if len(part.text) > MAX_MESSAGE_CHARS:
+                raise ValueError(f"the new message is longer than {MAX_MESSAGE_CHARS} characters")
+            plain_text(part.text)
+        return self

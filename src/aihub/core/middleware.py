@@ -116,11 +116,15 @@ class BodySizeLimitMiddleware:
         self.app = app
         self.max_bytes = max_bytes
         self.larger = dict(larger or {})
-        """(method, path prefix) -> limit, for routes that take large bodies (file uploads)."""
+        """(method, path) -> limit, for routes that take large bodies; a path ending in `/`
+        covers every path under it."""
 
     def _limit(self, scope: Scope) -> int:
-        for (method, prefix), limit in self.larger.items():
-            if scope["method"] == method and scope["path"].startswith(prefix):
+        method, path = scope["method"], scope["path"]
+        for (route_method, route_path), limit in self.larger.items():
+            if method == route_method and (
+                path == route_path or (route_path.endswith("/") and path.startswith(route_path))
+            ):
                 return limit
         return self.max_bytes
 

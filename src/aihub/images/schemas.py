@@ -5,11 +5,15 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from aihub.core.text import Text
+
 
 class ImageJobCreate(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    prompt: str = Field(min_length=1, max_length=500, description="What to draw (1-500 characters)")
+    prompt: Text = Field(
+        min_length=1, max_length=500, description="What to draw (1-500 characters)"
+    )
     num_images: int = Field(
         default=1, ge=1, description="Images to generate, 1 to IMAGES_MAX_PER_JOB (default 8)"
     )

@@ -15,6 +15,7 @@ from aihub.core.clock import Now
 from aihub.core.config import SettingsDep
 from aihub.core.db import Sessions
 from aihub.core.errors import Forbidden, error_responses
+from aihub.core.text import Text
 from aihub.storage import files
 from aihub.storage.dependencies import (
     SignerDep,
@@ -31,8 +32,8 @@ router = APIRouter(tags=["files"])
 class UploadUrlCreate(BaseModel):
     model_config = ConfigDict(extra="ignore", validate_by_name=True)
 
-    filename: str = Field(min_length=1, max_length=255)
-    content_type: str = Field(
+    filename: Text = Field(min_length=1, max_length=255)
+    content_type: Text = Field(
         default="",
         max_length=100,
         validation_alias=AliasChoices("contentType", "content_type"),

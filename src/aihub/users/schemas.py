@@ -7,12 +7,13 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
+from aihub.core.text import Text
 from aihub.users.service import EMAIL_MAX_LENGTH, check_password, normalize_email
 
 
 class AccountCreate(BaseModel):
-    email: str = Field(max_length=EMAIL_MAX_LENGTH + 64, examples=["ada@example.com"])
-    password: str = Field(max_length=1024, examples=["correct-horse-battery"])
+    email: Text = Field(max_length=EMAIL_MAX_LENGTH + 64, examples=["ada@example.com"])
+    password: Text = Field(max_length=1024, examples=["correct-horse-battery"])
 
     @field_validator("email")
     @classmethod
@@ -28,8 +29,8 @@ class AccountCreate(BaseModel):
 class LoginRequest(BaseModel):
     """The image-jobs frontend's login body."""
 
-    email: str = Field(max_length=EMAIL_MAX_LENGTH + 64, examples=["ada@example.com"])
-    password: str = Field(min_length=1, max_length=1024, examples=["correct-horse-battery"])
+    email: Text = Field(max_length=EMAIL_MAX_LENGTH + 64, examples=["ada@example.com"])
+    password: Text = Field(min_length=1, max_length=1024, examples=["correct-horse-battery"])
 
 
 class UserSummary(BaseModel):
