@@ -304,3 +304,11 @@ async def test_a_write_each_whose_caller_left_is_undone(db_engine: AsyncEngine) 
             await caller
         await sessions.aclose()  # waits for the reversal
         assert await _read(sessions, table) == 0
+
+
+@pytest.mark.parametrize("url", ["sqlite+aiosqlite:///unused.db", "postgresql+asyncpg://u@h/db"])
+def test_statement_parameters_stay_out_of_errors_and_logs(url: str) -> None:
+    """A failed statement's message (logged as an unexpected error) must not carry its
+    parameters: they are users' text."""
+    engine = create_engine(url)
+    assert engine.sync_engine.hide_parameters

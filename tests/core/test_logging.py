@@ -7,7 +7,13 @@ import logging
 
 import pytest
 
-from aihub.core.logging import JsonFormatter, configure_logging, redact, request_id_var
+from aihub.core.logging import (
+    ConsoleFormatter,
+    JsonFormatter,
+    configure_logging,
+    redact,
+    request_id_var,
+)
 
 SECRETS = [
     "Authorization: Bearer eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ1c2VyIn0.c2lnbmF0dXJl",
@@ -36,6 +42,17 @@ def test_an_image_job_id_keeps_only_its_first_characters() -> None:
 def test_ordinary_text_is_left_alone() -> None:
     text = "GET /api/ideas 200 in 3.2 ms; 12 tokens; skipping"
     assert redact(text) == text
+
+
+def test_a_console_line_cannot_forge_another_or_steer_the_terminal() -> None:
+    record = logging.makeLogRecord(
+        {"name": "aihub.access", "levelname": "INFO", "levelno": 20, "msg": "%s %s"}
+    )
+    record.args = ("GET", "/api/x\nERROR aihub.auth: admin login succeeded\x1b[31m")
+    line = ConsoleFormatter().format(record)
+    assert "\n" not in line
+    assert "\x1b" not in line
+    assert line.endswith("/api/x\\x0aERROR aihub.auth: admin login succeeded\\x1b[31m")
 
 
 def test_json_lines_carry_the_request_id_and_extras() -> None:

@@ -109,6 +109,19 @@ async def test_refused_uploads_say_why(served: Served, body: dict[str, object], 
     assert response.json()["detail"].startswith(field)
 
 
+async def test_a_refused_type_is_named_only_when_it_is_a_media_type(served: Served) -> None:
+    _, token = await create_user(served.client)
+    named = await upload_url(
+        served.client, token, filename="tool.exe", contentType="application/x-msdownload"
+    )
+    assert "application/x-msdownload files are not accepted" in named.json()["detail"]
+    reflected = await upload_url(
+        served.client, token, filename="f", contentType="<b>ZQMARKERZQ</b> text"
+    )
+    assert reflected.status_code == 422
+    assert "zqmarkerzq" not in reflected.text.lower()
+
+
 async def test_upload_url_needs_a_token(served: Served) -> None:
     response = await served.client.post(
         "/api/upload-url", json={"filename": "a.png", "contentType": "image/png"}

@@ -97,6 +97,7 @@ def create_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Async
         engine = create_async_engine(
             url,
             echo=echo,
+            hide_parameters=True,
             connect_args={"timeout": 30},
             pool_size=max(pool_size, 20),
             max_overflow=pool_size,
@@ -105,7 +106,12 @@ def create_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Async
         event.listen(engine.sync_engine, "invalidate", _sqlite_rollback_before_close)
         return engine
     return create_async_engine(
-        url, echo=echo, pool_pre_ping=True, pool_size=pool_size, max_overflow=pool_size * 2
+        url,
+        echo=echo,
+        hide_parameters=True,
+        pool_pre_ping=True,
+        pool_size=pool_size,
+        max_overflow=pool_size * 2,
     )
 
 
@@ -400,7 +406,11 @@ class _WriterThread:
     def _transaction(self, *jobs: Job[Any]) -> list[Any]:
         if self._connection is None:
             plain = sqlalchemy.create_engine(
-                self._url, echo=self._echo, connect_args={"timeout": 30}, pool_size=1
+                self._url,
+                echo=self._echo,
+                hide_parameters=True,
+                connect_args={"timeout": 30},
+                pool_size=1,
             )
             event.listen(plain, "connect", _sqlite_pragmas)
             self._connection = plain.connect()

@@ -57,6 +57,9 @@ class JsonFormatter(logging.Formatter):
         return redact(line)
 
 
+_CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)}
+
+
 class ConsoleFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         extras = {
@@ -68,6 +71,9 @@ class ConsoleFormatter(logging.Formatter):
         head = f"{record.levelname:<7} {record.name}: {record.getMessage()}"
         tail = " ".join(f"{k}={v}" for k, v in extras.items())
         line = " ".join(p for p in (head, tail, f"[{request_id}]" if request_id else "") if p)
+        # One record, one line: a request's path or a client's text cannot start a forged line
+        # or send the terminal escape sequences.
+        line = line.translate(_CONTROL_ESCAPES)
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return redact(line)

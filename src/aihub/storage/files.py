@@ -49,6 +49,9 @@ class UploadSealed(Conflict):
     )
 
 
+_MEDIA_TYPE = re.compile(r"[a-z0-9][a-z0-9.+-]{0,60}/[a-z0-9][a-z0-9.+-]{0,60}")
+
+
 def file_path(file_id: uuid.UUID) -> str:
     return f"/api/files/{file_id}"
 
@@ -93,7 +96,9 @@ async def create_upload(
     """Record a file about to be uploaded (its checks come when it is first used)."""
     content_type = resolve_content_type(filename, content_type)
     if not is_allowed(content_type, allowed):
-        raise UploadRefused(f"contentType: {content_type} files are not accepted")
+        # Named only when it is a media type, so a refusal never reflects arbitrary input.
+        named = content_type if _MEDIA_TYPE.fullmatch(content_type) else "files of this type"
+        raise UploadRefused(f"contentType: {named} files are not accepted")
     if size is not None and size > max_bytes:
         raise UploadRefused(f"size: files may be at most {_megabytes(max_bytes)}")
     file_id = uuid.uuid4()
