@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import bcrypt
 import httpx
 import jwt
 import pytest
@@ -171,3 +173,100 @@ async def test_secrets_never_reach_the_logs(
     for secret in (password, "Wrong-secret-passphrase", registered["token"], logged_in["token"]):
         assert secret not in text
     assert logged_in["token"].split(".")[2] not in text
+
+
+class HeldBcrypt:
+    """bcrypt held, once `hold()` is called, until `release` is set; `entered` counts the hashes
+    that began."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.monkeypatch = monkeypatch
+        self.release = threading.Event()
+        self.entered = 0
+        self._lock = threading.Lock()
+
+    def hold(self) -> None:
+        real_checkpw, real_hashpw = bcrypt.checkpw, bcrypt.hashpw
+
+        def held(real: Any) -> Any:
+            def call(password: bytes, other: bytes) -> Any:
+                with self._lock:
+                    self.entered += 1
+                self.release.wait(10)
+                return real(password, other)
+
+            return call
+
+        self.monkeypatch.setattr(bcrypt, "checkpw", held(real_checkpw))
+        self.monkeypatch.setattr(bcrypt, "hashpw", held(real_hashpw))
+
+    async def until_entered(self, count: int = 1) -> None:
+        for _ in range(500):
+            if self.entered >= count:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"{self.entered} hashes began, not {count}")
+
+
+@pytest.fixture
+def held_bcrypt(monkeypatch: pytest.MonkeyPatch) -> Iterator[HeldBcrypt]:
+    held = HeldBcrypt(monkeypatch)
+    yield held
+    held.release.set()
+
+
+@pytest.mark.parametrize("route", ["login", "register"])
+async def test_no_database_connection_is_held_while_a_password_is_hashed(
+    open_app: Any, held_bcrypt: HeldBcrypt, route: str
+) -> None:
+    """A flood of logins must not hold the pool for a quarter second each (every route that
+    needs the database would wait for them, readiness probes included)."""
+    email = unique_email()
+    await create_user_in_app(open_app.app, email=email)
+    held_bcrypt.hold()
+    attempt = (
+        log_in(open_app.client, email)
+        if route == "login"
+        else register(open_app.client, unique_email())
+    )
+    pending = asyncio.ensure_future(attempt)
+    await held_bcrypt.until_entered()
+    if route == "register":
+        await asyncio.sleep(0.05)  # it would have looked the email up by now
+
+    assert open_app.app.state.engine.sync_engine.pool.checkedout() == 0
+    held_bcrypt.release.set()
+    assert (await pending).status_code in (200, 201)
+
+
+async def test_a_flood_of_logins_queues_behind_itself_not_in_front_of_other_work(
+    make_app: Any, held_bcrypt: HeldBcrypt
+) -> None:
+    async with make_app(auth_rate_limit="unlimited") as served:
+        held_bcrypt.hold()
+        flood = [
+            asyncio.ensure_future(log_in(served.client, unique_email(), "wrong-password"))
+            for _ in range(40)
+        ]
+        await held_bcrypt.until_entered(2)
+        await asyncio.sleep(0.3)  # every attempt has arrived and waits for its hash
+
+        # The default executor (file I/O and the like) is free while every hash waits.
+        assert await asyncio.wait_for(asyncio.to_thread(lambda: "free"), 2) == "free"
+        held_bcrypt.release.set()
+        assert {(await attempt).status_code for attempt in flood} == {401}
+
+
+async def test_logins_and_registrations_are_rate_limited_per_address(make_app: Any) -> None:
+    async with make_app(auth_allow_registration=True, auth_rate_limit="3/minute") as served:
+        api = served.client
+        assert (await register(api, "limited@example.com")).status_code == 201
+        assert (await log_in(api, "limited@example.com", "wrong-password")).status_code == 401
+        assert (await log_in(api, "limited@example.com")).status_code == 200
+
+        refused = await log_in(api, "limited@example.com")
+
+        assert refused.status_code == 429
+        assert refused.json()["error"] == "rate_limited"
+        assert 1 <= int(refused.headers["retry-after"]) <= 20
+        assert (await register(api, "other@example.com")).status_code == 429

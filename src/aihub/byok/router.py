@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import functools
 import time
 from typing import Annotated
 
@@ -11,7 +10,7 @@ from aihub.byok import service
 from aihub.byok.schemas import ChatRequest
 from aihub.core.config import Settings, SettingsDep
 from aihub.core.errors import error_responses
-from aihub.core.ratelimit import RateLimit, rate_limit
+from aihub.core.ratelimit import RateLimit, configured, rate_limit
 from aihub.core.sse import JSONEventEncoder, TextEncoder, stream_response, unless_disconnected
 from aihub.providers.openai import OpenAIProvider
 
@@ -19,13 +18,7 @@ router = APIRouter(tags=["byok"])
 
 
 def _byok_limit(settings: Settings) -> RateLimit | None:
-    return _parsed_limit(settings.byok_rate_limit) if settings.byok_rate_limit else None
-
-
-@functools.lru_cache(maxsize=4)
-def _parsed_limit(spec: str) -> RateLimit:
-    """Parsed once, not on every request (the setting was validated at start-up)."""
-    return RateLimit.parse(spec)
+    return configured(settings.byok_rate_limit)
 
 
 async def get_byok_provider(request: Request) -> OpenAIProvider:

@@ -191,6 +191,8 @@ class Settings(BaseSettings):
     byok_max_history: int = Field(default=50, ge=0, le=1000)
     byok_max_message_chars: int = Field(default=10_000, ge=1, le=1_000_000)
     byok_rate_limit: str | None = "30/minute"
+    auth_rate_limit: str | None = "20/minute"
+    """Local accounts' login and registration, per client address (each costs a bcrypt hash)."""
 
     # Quotas: a new user starts with `*_INITIAL_QUOTA` (default: the daily one); every 24 hours
     # the balance is topped up to at least `*_DAILY_QUOTA`. "unlimited" (or empty) turns it off.
@@ -225,7 +227,7 @@ class Settings(BaseSettings):
         parse_networks(value)
         return value
 
-    @field_validator("byok_rate_limit", mode="before")
+    @field_validator("byok_rate_limit", "auth_rate_limit", mode="before")
     @classmethod
     def _rate_limit(cls, value: object) -> object:
         value = _unlimited_is_none(value)

@@ -13,6 +13,7 @@ per-user limits rather than one limit for the whole frontend).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import math
@@ -181,6 +182,13 @@ def _is_trusted(address: str, trusted: Sequence[IPNetwork]) -> bool:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped  # an IPv4 proxy seen by a dual-stack listener
     return any(ip in network for network in trusted)
+
+
+@functools.lru_cache(maxsize=16)
+def configured(spec: str | None) -> RateLimit | None:
+    """A rate-limit setting, parsed once (not on every request: settings are validated at
+    start-up); None when it is off."""
+    return RateLimit.parse(spec) if spec else None
 
 
 def rate_limit(

@@ -3,13 +3,14 @@ Clerk's webhooks (`/webhooks/clerk`, `/clerk-webhook`)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 
 from aihub.core.auth import AUTH_ERRORS, AuthenticatorDep, CurrentUser
 from aihub.core.clock import Now
-from aihub.core.config import SettingsDep
+from aihub.core.config import Settings, SettingsDep
 from aihub.core.db import SessionDep, Sessions
 from aihub.core.errors import ServiceUnavailable, error_responses
+from aihub.core.ratelimit import RateLimit, configured, rate_limit
 from aihub.storage.base import delete_user_files
 from aihub.usage.quotas import quota_policies
 from aihub.users import service, webhooks
@@ -31,11 +32,26 @@ _INVALID_BODY = error_responses({422: "Invalid body"})
 _UNAUTHORIZED = error_responses(AUTH_ERRORS)
 
 
+def _auth_limit(settings: Settings) -> RateLimit | None:
+    return configured(settings.auth_rate_limit)
+
+
+_RATE_LIMITED = [Depends(rate_limit("auth", _auth_limit))]
+"""Login and registration, per client address: each costs a quarter of a second of bcrypt."""
+
+
 @router.post(
     "/api/auth/register",
     status_code=201,
+    dependencies=_RATE_LIMITED,
     responses={
-        **error_responses({403: "Registration is closed", 409: "The email already has an account"}),
+        **error_responses(
+            {
+                403: "Registration is closed",
+                409: "The email already has an account",
+                429: "Too many attempts from this address (see Retry-After)",
+            }
+        ),
         **_INVALID_BODY,
     },
 )
@@ -51,16 +67,22 @@ async def register_account(
 
 @router.post(
     "/api/auth/login",
+    dependencies=_RATE_LIMITED,
     responses={
-        **error_responses({401: "Invalid email or password"}),
+        **error_responses(
+            {
+                401: "Invalid email or password",
+                429: "Too many attempts from this address (see Retry-After)",
+            }
+        ),
         **_INVALID_BODY,
     },
 )
 async def log_in(
-    body: LoginRequest, session: SessionDep, authenticator: AuthenticatorDep
+    body: LoginRequest, sessions: Sessions, authenticator: AuthenticatorDep
 ) -> TokenRead:
     """Exchange email and password for a bearer token."""
-    user = await service.authenticate_local(session, email=body.email, password=body.password)
+    user = await service.authenticate_local(sessions, email=body.email, password=body.password)
     return _token_for(user, authenticator)
 
 

@@ -1,20 +1,26 @@
 """Accounts: local users with bcrypt passwords, and Clerk users created on first sight.
 
-bcrypt is CPU-heavy (about a quarter of a second per hash), so it always runs in a worker thread.
+bcrypt is CPU-heavy (about a quarter of a second per hash), so it runs on threads of its own, a
+few at a time (a flood of logins queues behind itself, not in front of the file I/O and other work
+that shares the default executor), and never while a database connection is held (a flood of
+logins would otherwise hold the whole pool while it hashes).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import os
 import re
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import bcrypt
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from aihub.core.db import insert_if_absent, utcnow
+from aihub.core.db import AppSessions, insert_if_absent, utcnow
 from aihub.core.errors import Conflict, Forbidden, Unauthorized, Unprocessable
 from aihub.users.models import DeletedClerkUser, LocalCredential, User
 
@@ -65,9 +71,16 @@ def check_password(password: str) -> str:
     return password
 
 
+@functools.cache
+def _hashing() -> ThreadPoolExecutor:
+    """bcrypt's threads: one a core (it releases the GIL), at least two."""
+    return ThreadPoolExecutor(max(2, os.cpu_count() or 1), thread_name_prefix="aihub-bcrypt")
+
+
 async def hash_password(password: str) -> str:
     salt = bcrypt.gensalt(BCRYPT_ROUNDS)
-    hashed = await asyncio.to_thread(bcrypt.hashpw, password.encode(), salt)
+    loop = asyncio.get_running_loop()
+    hashed = await loop.run_in_executor(_hashing(), bcrypt.hashpw, password.encode(), salt)
     return hashed.decode()
 
 
@@ -76,19 +89,22 @@ async def verify_password(password: str, password_hash: str | bytes) -> bool:
     if len(encoded) > PASSWORD_MAX_BYTES:
         encoded = b""  # can never match; still spends the same time
     stored = password_hash.encode() if isinstance(password_hash, str) else password_hash
-    return await asyncio.to_thread(bcrypt.checkpw, encoded, stored)
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(_hashing(), bcrypt.checkpw, encoded, stored)
 
 
 async def create_local_user(session: AsyncSession, *, email: str, password: str) -> User:
-    """A new local account; `EmailTaken` (409) when the email already has one."""
+    """A new local account; `EmailTaken` (409) when the email already has one.
+
+    The password is hashed before `session` is first used, so no connection is held meanwhile."""
     try:
         email = normalize_email(email)
         check_password(password)
     except ValueError as exc:
         raise Unprocessable(str(exc)) from None
+    password_hash = await hash_password(password)
     if await _credential_for(session, email) is not None:
         raise EmailTaken()
-    password_hash = await hash_password(password)
     user = User(id=uuid.uuid4(), email=email)
     session.add(user)
     try:
@@ -100,16 +116,17 @@ async def create_local_user(session: AsyncSession, *, email: str, password: str)
     return user
 
 
-async def authenticate_local(session: AsyncSession, *, email: str, password: str) -> User:
-    """The account these credentials open; `InvalidCredentials` (401) otherwise, same timing."""
-    credential = await _credential_for(session, email.strip().lower())
-    if credential is None:
+async def authenticate_local(sessions: AppSessions, *, email: str, password: str) -> User:
+    """The account these credentials open; `InvalidCredentials` (401) otherwise, same timing.
+
+    The account is read in a session of its own, closed before the password is checked."""
+    async with sessions() as session:
+        credential = await _credential_for(session, email.strip().lower())
+        user = None if credential is None else await session.get(User, credential.user_id)
+    if credential is None or user is None:
         await verify_password(password, _TIMING_HASH)
         raise InvalidCredentials()
     if not await verify_password(password, credential.password_hash):
-        raise InvalidCredentials()
-    user = await session.get(User, credential.user_id)
-    if user is None:
         raise InvalidCredentials()
     return user
 
