@@ -28,13 +28,15 @@ router = APIRouter(tags=["ideas"])
 _STREAM_DESCRIPTION = """Streams a new business idea in Markdown.
 
 By default the stream is framed for the original frontend (`@microsoft/fetch-event-source`
-appending each event's data): the concatenated data is the model's text byte for byte (each
-delta's last character is held back until the next one, because an event cannot start with a
-newline; a first delta of one character is sent at once), and the stream ends with
+appending each event's data): the concatenated data renders as the model's text (each delta's
+last character is held back until the next one, because an event cannot start with a newline; a
+first delta of one character is sent at once; the README's "Streams" lists the invisible
+differences: a space before a line break, newlines before the first text, `\r`), and it ends with
 `event: done` carrying empty data. Errors, before or during the stream, arrive as
 `text/event-stream` with one readable Markdown line.
 
-`?format=json` gives named events instead: `delta` `{"text"}`, then `done` with the stored idea's
+`?format=json` gives named events instead: `delta` `{"text"}`, then `usage`
+`{"input_tokens", "output_tokens"}` and `done` with the stored idea's
 id, usage and provider, or `error` `{"code", "message"}`; errors before the stream are JSON.
 """
 
