@@ -128,6 +128,19 @@ async def test_docs_tag_every_route(served: Served) -> None:
     assert error_schema["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorRead")
 
 
+@pytest.mark.parametrize(
+    "path", ["/api/chats", "/api/chats/{chat_id}", "/api/my-history"], ids=lambda p: p
+)
+async def test_lists_the_original_clients_read_unpaged_are_whole_by_default(
+    served: Served, path: str
+) -> None:
+    """The original frontends read these lists without paging: their default page is the
+    largest one, so a heavy user loses nothing short of that."""
+    spec = (await served.client.get("/openapi.json")).json()
+    (limit,) = [p for p in spec["paths"][path]["get"]["parameters"] if p["name"] == "limit"]
+    assert limit["schema"]["default"] == limit["schema"]["maximum"] >= 500
+
+
 async def test_every_documented_422_is_the_body_aihub_sends(served: Served) -> None:
     """FastAPI documents its own 422 body (which echoes input) on every route with inputs that
     does not declare one; aihub never sends that body, so the document must not show it."""

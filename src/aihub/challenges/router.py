@@ -97,7 +97,8 @@ def _json(body: bytes, *, headers: dict[str, str] | None = None) -> Response:
 async def list_my_challenges(
     user: CurrentUser,
     session: SessionDep,
-    limit: Annotated[int, Query(ge=1, le=100)] = 50,
+    # The original client does not page: by default, as many as one page can hold.
+    limit: Annotated[int, Query(ge=1, le=500)] = 500,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> ChallengeHistory:
     challenges, next_cursor = await service.list_challenges(

@@ -70,7 +70,8 @@ def _json(body: Any, *, next_cursor: str | None = None, status_code: int = 200) 
 async def list_chats(
     user: CurrentUser,
     session: SessionDep,
-    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    # The original client does not page: by default, as many as one page can hold.
+    limit: Annotated[int, Query(ge=1, le=500)] = 500,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> Response:
     chats, next_cursor = await service.list_chats(
@@ -109,7 +110,8 @@ async def read_chat(
     storage: StorageDep,
     signer: SignerDep,
     now: Now,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 200,
+    # The original client does not page: by default, as many as one page can hold.
+    limit: Annotated[int, Query(ge=1, le=1000)] = 1000,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> Response:
     """The newest `limit` messages; `X-Next-Cursor` (as `cursor`) gives the older ones.
