@@ -283,3 +283,52 @@ async def test_offline_when_no_key(make_app: MakeApp) -> None:
             if e.event == "delta"
         )
         assert text.startswith("# ")
+
+
+async def test_a_thinking_model_s_stream_starts_at_once_and_is_kept_alive(
+    make_app: MakeApp, fake_openai: FakeOpenAI
+) -> None:
+    """A reasoning model may think for a long while before its first token: the response starts
+    as soon as the provider has taken the request, and keep-alives fill the silence (a proxy
+    with an idle timeout would otherwise cut the request)."""
+    fake_openai.first_token_delay = 1.5
+    loop = asyncio.get_running_loop()
+    async with make_app(sse_keepalive_seconds=0.3) as served:
+        _, token = await create_user(served.client)
+        started = loop.time()
+        async with served.client.stream(
+            "GET", "/api", headers={**SSE_HEADERS, **bearer(token)}
+        ) as response:
+            headers_after = loop.time() - started
+            body = (await response.aread()).decode()
+
+    assert response.status_code == 200
+    assert headers_after < 1.0
+    assert body.startswith(": keep-alive\n\n")
+    assert markdown_buffer(body) == DEFAULT_TEXT
+
+
+async def test_a_provider_failing_after_taking_the_request_but_before_any_text(
+    served: Served, fake_openai: FakeOpenAI
+) -> None:
+    """The response has started, so the failure is the stream's error line; there is no idea to
+    keep, so none is stored and the unit is given back, as for a failure to open."""
+    fake_openai.fail_mid_stream(0)
+    _, token = await create_user(served.client)
+
+    response = await read_stream(served.client, token)
+    json_variant = await read_stream(served.client, token, format="json")
+
+    assert response.status_code == 200
+    assert markdown_buffer(response.text).startswith("**Error:**")
+    last = event_source_events(json_variant.text)[-1]
+    assert last.event == "error"
+    assert last.data["partial"] is False  # type: ignore[index]
+    ideas = (await served.client.get("/api/ideas", headers=bearer(token))).json()["items"]
+    assert ideas == []
+    quota = await served.app.state.sessions.write(
+        lambda connection: connection.exec_driver_sql(
+            "SELECT remaining FROM quota WHERE product = 'ideas'"
+        ).scalar_one()
+    )
+    assert quota == served.settings.ideas_daily_quota

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from aihub.providers.base import (
+    Accepted,
     Finish,
     MediaPart,
     Message,
@@ -62,6 +63,18 @@ async def test_streams_the_text_exactly(provider: OpenAIProvider, fake_openai: F
     assert "\n\n" in fake_openai.tokens
     deltas = [event for event in events if isinstance(event, TextDelta)]
     assert all(delta.text for delta in deltas)
+
+
+async def test_the_request_is_accepted_before_a_slow_first_token(
+    provider: OpenAIProvider, fake_openai: FakeOpenAI
+) -> None:
+    """A reasoning model's silence: the success status is known at once, the text much later."""
+    fake_openai.first_token_delay = 2
+    stream = provider.stream_text(HELLO, model=MODEL)
+    try:
+        assert await asyncio.wait_for(anext(stream), 1) == Accepted()
+    finally:
+        await stream.aclose()  # type: ignore[attr-defined]
 
 
 async def test_tokens_that_arrive_apart_stay_apart_and_together_are_joined(
@@ -243,9 +256,10 @@ async def test_closing_the_stream_closes_the_upstream_request(
     fake_openai.token_delay = 0.05
     stream = provider.stream_text(HELLO, model=MODEL)
 
-    first = await anext(stream)
+    accepted, first = await anext(stream), await anext(stream)
     await stream.aclose()  # type: ignore[attr-defined]
 
+    assert accepted == Accepted()
     assert first == TextDelta(fake_openai.tokens[0])
     await asyncio.wait_for(fake_openai.disconnected.wait(), timeout=2)
     assert fake_openai.disconnects == 1

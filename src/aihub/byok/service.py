@@ -69,7 +69,7 @@ async def open_reply(
     raises here, with that status, before any byte of the answer."""
     chain = ModelChain((Candidate(provider.with_api_key(api_key), model),), configured="byok")
     try:
-        return await chain.open_stream(request)
+        return await chain.open_stream(request, until="accepted")
     except ProviderAuthError as exc:
         raise KeyRejected(upstream_status=exc.upstream_status, provider="openai") from None
     except ProviderNotFound as exc:

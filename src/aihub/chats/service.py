@@ -300,7 +300,7 @@ async def start_reply(
         request = await _request(
             sessions, storage, provider, chat_id, user_message, attached, search, options, created
         )
-        opened = await opening(chain.open_stream(request))
+        opened = await opening(chain.open_stream(request, until="accepted"))
     except BaseException as exc:
         with anyio.CancelScope(shield=True):
             async with sessions.begin() as session:

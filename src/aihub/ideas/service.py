@@ -26,6 +26,7 @@ from aihub.usage import quotas
 from aihub.usage.quotas import QuotaPolicy
 from aihub.usage.service import (
     failed_attempt_rows,
+    insert_usage,
     insert_with_usage,
     record_failed_attempts,
     record_usage,
@@ -61,7 +62,11 @@ async def start_idea(
     started = time.perf_counter()
     await quotas.reserve_with(sessions, user_id=user.id, product="ideas", policy=policy, now=now)
     try:
-        opened = await chain.open_stream(TextRequest(messages=(Message.user(prompt),)))
+        # Open once the provider takes the request: a reasoning model may think for a long while
+        # before its first token, and the client (and any proxy) should not wait in silence.
+        opened = await chain.open_stream(
+            TextRequest(messages=(Message.user(prompt),)), until="accepted"
+        )
     except BaseException as exc:
         with anyio.CancelScope(shield=True):
             async with sessions.begin() as session:
@@ -169,7 +174,12 @@ async def _idea_events(
                 )
         raise
     if failure is not None:
-        yield StreamEvent.error(failure.code, failure.message, idea_id=str(idea.id), partial=True)
+        if draft.parts:
+            yield StreamEvent.error(
+                failure.code, failure.message, idea_id=str(idea.id), partial=True
+            )
+        else:
+            yield StreamEvent.error(failure.code, failure.message, partial=False)
         return
     yield StreamEvent(
         "done",
@@ -194,7 +204,9 @@ async def _save(
     failed: list[FailedAttempt],
 ) -> None:
     """Store the idea with its usage row; a provider's failure gives the unit back (a client
-    that left keeps its charge: the tokens were spent on its behalf)."""
+    that left keeps its charge: the tokens were spent on its behalf). A stream that ended
+    before any text (the provider failed or the client left while it was still thinking)
+    stores no idea, only its usage, and gives the unit back, as a failure to open does."""
     idea.content = "".join(draft.parts)
     idea.status = "incomplete" if error else "complete"
     usage = draft.usage_read()
@@ -203,6 +215,8 @@ async def _save(
     idea.error = error
     idea.completed_at = utcnow()
     provider_failed = error is not None and error not in STOP_REASONS
+    nothing = error is not None and not draft.parts
+    refund = provider_failed or nothing
 
     usage_rows = [
         *failed_attempt_rows(user_id=idea.user_id, product="ideas", attempts=failed),
@@ -223,15 +237,18 @@ async def _save(
     def write(connection: Connection) -> None:
         # INSERTs, not `session.add`: the ORM's unit of work cost more CPU than the write, and
         # this runs after every idea (`bench/stream_overhead.py`).
-        insert_with_usage(connection, _IDEAS, values, usage_rows)
-        if provider_failed:
+        if nothing:
+            insert_usage(connection, usage_rows)
+        else:
+            insert_with_usage(connection, _IDEAS, values, usage_rows)
+        if refund:
             quotas.give_back(connection, user_id=idea.user_id, product="ideas")
 
-    if provider_failed:
+    if refund:
         await sessions.write(write)  # one transaction: the unit given back with the idea
     else:
         await sessions.write_each(write)  # the idea and its usage: each stands on its own
-    if error:
+    if error and not nothing:
         logger.info("idea stored incomplete", extra={"idea_id": str(idea.id), "error": error})
 
 

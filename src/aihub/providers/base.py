@@ -98,6 +98,13 @@ class ImageRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class Accepted:
+    """The provider took the request (a success status came back): its output follows, maybe
+    only after a long silence (a reasoning model thinks first). Adapters that know it before
+    the first output say so; `ModelChain.open_stream(until="accepted")` returns on it."""
+
+
+@dataclass(frozen=True, slots=True)
 class TextDelta:
     text: str
 
@@ -120,7 +127,7 @@ class Finish:
     """Normalised: "stop", "length", "content_filter", or the provider's own word."""
 
 
-TextEvent = TextDelta | Usage | Citation | Finish
+TextEvent = Accepted | TextDelta | Usage | Citation | Finish
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,7 @@ import openai
 import orjson
 
 from aihub.providers.base import (
+    Accepted,
     FileRefPart,
     Finish,
     MediaPart,
@@ -144,6 +145,7 @@ class OpenAIProvider(TextProvider):
                 stream_cls=openai.AsyncStream[object],
             )
             async with stream:
+                yield Accepted()  # the status was a success: the output may still be far off
                 reader = _ChunkReader()
                 async with aclosing(_sse_batches(_body(stream.response))) as batches:
                     async for batch in batches:

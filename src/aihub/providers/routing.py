@@ -11,13 +11,14 @@ import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import Request
 
 from aihub.core import metrics
 from aihub.core.config import Settings, parse_model_chain
 from aihub.providers.base import (
+    Accepted,
     Finish,
     GeneratedImage,
     ImageProvider,
@@ -113,14 +114,21 @@ class ModelChain:
     def primary(self) -> Candidate:
         return self.candidates[0]
 
-    async def open_stream(self, request: TextRequest) -> OpenedStream:
+    async def open_stream(
+        self, request: TextRequest, *, until: Literal["output", "accepted"] = "output"
+    ) -> OpenedStream:
         """Open the first candidate that answers; raise the last error if none does (its
-        `attempts` list every candidate that failed)."""
+        `attempts` list every candidate that failed).
+
+        A candidate has answered once it has produced its first output, or with
+        `until="accepted"` once it has taken the request (when its adapter can tell): a stream
+        that must start its response before a reasoning model's long silence, and that can
+        therefore no longer fall back (its first byte is out)."""
         failed: list[FailedAttempt] = []
         for candidate in self.candidates:
             started = time.perf_counter()
             try:
-                opened = await _open(candidate, request)
+                opened = await _open(candidate, request, until)
             except ProviderError as exc:
                 failed.append(
                     FailedAttempt.record(candidate.provider.name, candidate.model, exc, started)
@@ -135,12 +143,18 @@ class ModelChain:
         raise AssertionError("a chain has at least one candidate")
 
 
-async def _open(candidate: Candidate, request: TextRequest) -> OpenedStream:
+async def _open(
+    candidate: Candidate, request: TextRequest, until: Literal["output", "accepted"]
+) -> OpenedStream:
     events = candidate.provider.stream_text(request, model=candidate.model)
     assert isinstance(events, AsyncGenerator)
     head: list[TextEvent] = []
     try:
         async for event in events:
+            if isinstance(event, Accepted):
+                if until == "accepted":
+                    break
+                continue
             head.append(event)
             if isinstance(event, TextDelta | Finish):
                 break
