@@ -174,12 +174,9 @@ async def _idea_events(
                 )
         raise
     if failure is not None:
-        if draft.parts:
-            yield StreamEvent.error(
-                failure.code, failure.message, idea_id=str(idea.id), partial=True
-            )
-        else:
-            yield StreamEvent.error(failure.code, failure.message, partial=False)
+        # With no text there is no idea to point to (`_save` stores none).
+        stored = {"idea_id": str(idea.id)} if draft.parts else {}
+        yield StreamEvent.error(failure.code, failure.message, **stored, partial=bool(draft.parts))
         return
     yield StreamEvent(
         "done",
