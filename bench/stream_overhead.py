@@ -384,6 +384,7 @@ async def main() -> int:
                 **({"DATABASE_URL": args.database_url} if args.database_url else {}),
                 "OPENAI_API_KEY": "sk-bench-0000000000",
                 "OPENAI_BASE_URL": f"{upstream}/v1",
+                "BYOK_BASE_URL": f"{upstream}/v1",
                 **(
                     {"GEMINI_API_KEY": "bench-gemini-key", "GEMINI_BASE_URL": upstream}
                     if chats

@@ -135,6 +135,7 @@ def make_settings(
             "clerk_jwks_url": fake_clerk.jwks_url,
             "openai_api_key": "sk-test-server-key-0000000000",
             "openai_base_url": fake_openai.base_url,
+            "byok_base_url": fake_openai.base_url,
             "gemini_api_key": "AIzaTestServerKey00000000000000000000",
             "gemini_base_url": fake_gemini.base_url,
             "replicate_api_token": "r8_TestServerToken0000000000",

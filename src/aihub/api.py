@@ -8,6 +8,7 @@ from aihub.byok import router as byok
 from aihub.challenges import router as challenges
 from aihub.chats import router as chats
 from aihub.core import health
+from aihub.core.config import Settings
 from aihub.ideas import router as ideas
 from aihub.images import router as images
 from aihub.playground import router as playground
@@ -30,7 +31,7 @@ ROUTERS = (
 )
 
 
-def include_routers(app: FastAPI) -> None:
+def include_routers(app: FastAPI, settings: Settings) -> None:
     """Put every product's routes on the app's router itself.
 
     `include_router` keeps each router behind a wrapper that every request is matched against
@@ -41,4 +42,6 @@ def include_routers(app: FastAPI) -> None:
     routes themselves are the same; matching them is one pass over a flat list.
     """
     for router in ROUTERS:
+        if router is byok.router and not settings.byok_enabled:
+            continue  # switched off: no route, and nothing about it in /docs
         app.router.routes.extend(router.routes)

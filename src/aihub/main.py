@@ -95,7 +95,7 @@ def create_app(settings: Settings, *, freeze_gc: bool = False, clock: Clock = ut
     app.state.settings = settings
     app.state.freeze_gc = freeze_gc
     app.state.clock = clock
-    include_routers(app)
+    include_routers(app, settings)
     app.add_route("/metrics", metrics_endpoint, include_in_schema=False)
     install_error_handlers(app)  # innermost: its 500s pass through CORS
     app.add_exception_handler(IntegrityError, handle_integrity_error)
@@ -137,6 +137,21 @@ def _log_products(chains: Mapping[str, ModelChain | ImageChain]) -> None:
             " (offline: no credentials for the configured providers)" if offline else "",
             extra={"product": product, "chain": chain.label, "configured": chain.configured},
         )
+
+
+def _log_byok(settings: Settings) -> None:
+    if not settings.byok_enabled:
+        logger.info("byok is switched off (BYOK_ENABLED=false)", extra={"product": "byok"})
+        return
+    upstream = settings.byok_base_url or "OpenAI's API"
+    # OPENAI_BASE_URL is for the server's own key: callers' keys do not follow it.
+    aside = " (OPENAI_BASE_URL does not apply to it)" if settings.openai_base_url else ""
+    logger.info(
+        "byok relays callers' own keys to %s%s",
+        upstream,
+        aside,
+        extra={"product": "byok", "upstream": upstream},
+    )
 
 
 def create_app_from_environment() -> FastAPI:
@@ -195,6 +210,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     _log_products({**app.state.chains, "images": app.state.image_chain})
     if settings.chat_summary_model:
         _log_products({"chats (summaries)": app.state.chat_summary_chain})
+    _log_byok(settings)
     app.state.authenticator = await Authenticator.create(settings)
     app.state.storage = create_storage(settings)
     app.state.url_signer = UrlSigner(

@@ -8,15 +8,18 @@ import asyncio
 import io
 import logging
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
 import pytest
 from sqlalchemy import select
 
+from aihub.core.config import Settings
 from aihub.core.db import Base
 from aihub.core.logging import JsonFormatter
+from aihub.providers.openai import OPENAI_API_URL
+from aihub.providers.routing import ProviderRegistry
 from tests.conftest import MakeApp, Served
 from tests.fakes.openai import DEFAULT_TEXT, FakeOpenAI
 from tests.sse_clients import event_source_events
@@ -265,7 +268,44 @@ async def test_the_upstream_is_the_server_s_setting_not_the_caller_s(
 ) -> None:
     response = await chat(served_byok.client, chat_body(base_url="http://attacker.example/v1"))
     assert response.status_code == 200
-    assert len(fake_openai.requests) == 1  # it went to OPENAI_BASE_URL, the fake
+    assert len(fake_openai.requests) == 1  # it went to BYOK_BASE_URL, the fake
+
+
+async def test_callers_keys_go_to_byok_base_url_not_to_openai_base_url(
+    make_app: MakeApp, fake_openai: FakeOpenAI
+) -> None:
+    """OPENAI_BASE_URL is where the server's own key goes (maybe a server that checks no keys):
+    callers' keys must not be relayed there."""
+    async with make_app(
+        openai_base_url="http://127.0.0.1:9/v1", byok_base_url=fake_openai.base_url
+    ) as served:
+        response = await chat(served.client, chat_body())
+    assert response.status_code == 200
+    assert len(fake_openai.requests) == 1
+
+
+async def test_without_byok_base_url_callers_keys_go_to_openai_whatever_the_environment(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given no base URL the SDK would read the process's OPENAI_BASE_URL.
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:11434/v1")
+    registry = ProviderRegistry(make_settings(byok_base_url=None))
+    try:
+        assert registry.byok is not None
+        assert registry.byok.base_url.rstrip("/") == OPENAI_API_URL
+    finally:
+        await registry.aclose()
+
+
+async def test_switched_off_there_is_no_route(make_app: MakeApp, fake_openai: FakeOpenAI) -> None:
+    async with make_app(byok_enabled=False) as served:
+        response = await chat(served.client, chat_body())
+        schema = (await served.client.get("/openapi.json")).json()
+        health = (await served.client.get("/api/health")).json()
+    assert response.status_code == 404
+    assert fake_openai.requests == []
+    assert "/api/chat" not in schema["paths"]
+    assert health["products"]["byok"] == {"enabled": False}
 
 
 # --- the key never leaks -------------------------------------------------------------------------

@@ -104,6 +104,14 @@ async def test_health_ready_and_metrics(served: Served) -> None:
         "configured": "openai:gpt-5-nano",
         "offline": False,
     }
+    assert health["products"]["byok"] == {
+        "enabled": True,
+        "provider": "openai",
+        "model": "gpt-4.1-mini",
+        "models": ["gpt-4.1-mini", "gpt-4o-mini", "gpt-3.5-turbo"],
+        "keys": "caller",
+        "offline": False,
+    }
     ready = await served.client.get("/api/ready")
     assert ready.json() == {"status": "ready", "database": "ok"}
     metrics = await served.client.get("/metrics")

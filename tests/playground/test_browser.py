@@ -37,13 +37,13 @@ def chromium_path() -> str:
 @pytest.fixture
 async def served_embedded(make_app: MakeApp, fake_openai: FakeOpenAI) -> AsyncIterator[Served]:
     """The embedded default: no provider keys (everything on `offline`); bring-your-own-key
-    goes to the OpenAI fake, as it would to OPENAI_BASE_URL."""
+    goes to the OpenAI fake, as it would to BYOK_BASE_URL."""
     async with make_app(
         openai_api_key=None,
         gemini_api_key=None,
         replicate_api_token=None,
         offline_token_delay_ms=2,
-        openai_base_url=fake_openai.base_url,
+        byok_base_url=fake_openai.base_url,
     ) as served:
         yield served
 

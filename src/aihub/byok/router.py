@@ -22,13 +22,14 @@ def _byok_limit(settings: Settings) -> RateLimit | None:
 
 
 async def get_byok_provider(request: Request) -> OpenAIProvider:
-    provider: OpenAIProvider = request.app.state.providers.byok
+    provider: OpenAIProvider | None = request.app.state.providers.byok
+    assert provider is not None, "the route is only mounted with BYOK_ENABLED"
     return provider
 
 
 ByokProvider = Annotated[OpenAIProvider, Depends(get_byok_provider)]
 
-_DESCRIPTION = """Relays a chat to OpenAI (or the server's `OPENAI_BASE_URL`) with the caller's
+_DESCRIPTION = """Relays a chat to OpenAI (or the server's `BYOK_BASE_URL`) with the caller's
 own API key, which is used for this request only: never logged, stored or echoed.
 
 The reply streams as `text/plain`, appended verbatim by the original client; if it is cut short,

@@ -1,5 +1,5 @@
 """Bring-your-own-key chat: the caller's history and key, relayed to OpenAI (or the server's
-`OPENAI_BASE_URL`), the upstream opened before the answer is committed."""
+`BYOK_BASE_URL`), the upstream opened before the answer is committed."""
 
 from __future__ import annotations
 

@@ -185,6 +185,10 @@ class Settings(BaseSettings):
     s3_force_path_style: bool | None = None
     _gcs_service_account: ServiceAccount | None = PrivateAttr(default=None)
 
+    byok_enabled: bool = True
+    byok_base_url: str | None = None
+    """Where callers' own keys go: OpenAI's API unless set. Not `OPENAI_BASE_URL`, which may name
+    a server that checks no keys (Ollama), and would make the route an open relay to it."""
     byok_allowed_models: CommaList = Field(
         default_factory=lambda: ["gpt-4.1-mini", "gpt-4o-mini", "gpt-3.5-turbo"]
     )
@@ -259,6 +263,7 @@ class Settings(BaseSettings):
         "clerk_issuer",
         "clerk_jwt_key",
         "openai_base_url",
+        "byok_base_url",
         "gemini_base_url",
         "replicate_base_url",
         "public_base_url",
@@ -285,6 +290,7 @@ class Settings(BaseSettings):
         "clerk_jwks_url",
         "clerk_issuer",
         "openai_base_url",
+        "byok_base_url",
         "gemini_base_url",
         "replicate_base_url",
         "public_base_url",

@@ -41,8 +41,11 @@ def _describe(chain: ModelChain | ImageChain) -> dict[str, Any]:
 
 
 def _byok(settings: Settings) -> dict[str, Any]:
-    """Bring-your-own-key chat: OpenAI (or `OPENAI_BASE_URL`) with each caller's key."""
+    """Bring-your-own-key chat: OpenAI (or `BYOK_BASE_URL`) with each caller's key."""
+    if not settings.byok_enabled:
+        return {"enabled": False}
     return {
+        "enabled": True,
         "provider": "openai",
         "model": settings.byok_allowed_models[0],
         "models": settings.byok_allowed_models,

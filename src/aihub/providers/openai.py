@@ -79,6 +79,11 @@ _FINISH_REASONS = {"stop": "stop", "length": "length", "content_filter": "conten
 _KEY_LIKE = re.compile(r"\b(sk|pk|rk)-[A-Za-z0-9_\-*]{6,}")
 
 
+OPENAI_API_URL = "https://api.openai.com/v1"
+"""OpenAI's own API, named rather than left to the SDK: given no base URL, the SDK takes the
+process's `OPENAI_BASE_URL`, which callers' own keys must not follow (`BYOK_BASE_URL`)."""
+
+
 class OpenAIProvider(TextProvider):
     name = "openai"
 
@@ -120,8 +125,12 @@ class OpenAIProvider(TextProvider):
     def accepts(self, mime_type: str) -> bool:
         return mime_type.startswith("image/") or mime_type == "application/pdf"
 
+    @property
+    def base_url(self) -> str:
+        return str(self._client.base_url)
+
     def __repr__(self) -> str:
-        return f"OpenAIProvider(base_url={str(self._client.base_url)!r})"
+        return f"OpenAIProvider(base_url={self.base_url!r})"
 
     async def aclose(self) -> None:
         if self._owns_client:

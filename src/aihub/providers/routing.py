@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import Request
 
@@ -30,6 +30,9 @@ from aihub.providers.base import (
     TextRequest,
 )
 from aihub.providers.offline import OfflineProvider
+
+if TYPE_CHECKING:
+    from aihub.providers.openai import OpenAIProvider
 
 logger = logging.getLogger("aihub.providers")
 
@@ -249,14 +252,17 @@ class ProviderRegistry:
                 base_url=settings.openai_base_url,
                 **common,
             )
-        from aihub.providers.openai import OpenAIProvider
+        self.byok: OpenAIProvider | None = None
+        """Bring-your-own-key chat: `BYOK_BASE_URL` (OpenAI's API unless set) with each caller's
+        key, never the server's; None when `BYOK_ENABLED` is off."""
+        if settings.byok_enabled:
+            from aihub.providers.openai import OPENAI_API_URL, OpenAIProvider
 
-        # Bring-your-own-key chat: OPENAI_BASE_URL with each caller's key, never the server's.
-        self.byok = OpenAIProvider(
-            api_key="unused-every-request-brings-its-own-key",
-            base_url=settings.openai_base_url,
-            **common,
-        )
+            self.byok = OpenAIProvider(
+                api_key="unused-every-request-brings-its-own-key",
+                base_url=settings.byok_base_url or OPENAI_API_URL,
+                **common,
+            )
         if settings.gemini_api_key:
             from aihub.providers.gemini import GeminiProvider
 
@@ -291,7 +297,9 @@ class ProviderRegistry:
         return ImageChain(candidates or (ImageCandidate(self.offline, OFFLINE_MODEL),), spec)
 
     async def aclose(self) -> None:
-        providers: list[TextProvider | ImageProvider] = [*self.text.values(), self.byok]
+        providers: list[TextProvider | ImageProvider] = [*self.text.values()]
+        if self.byok is not None:
+            providers.append(self.byok)
         providers += [p for p in self.image.values() if p not in providers]
         for provider in providers:
             await provider.aclose()
