@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 from typing import Any
 
 import httpx
@@ -184,6 +185,22 @@ async def test_provider_errors_before_the_stream(
     assert json_variant.status_code == status
     assert json_variant.json()["error"].startswith("provider_")
     assert "sk-test" not in response.text + json_variant.text
+
+
+async def test_the_providers_words_about_the_server_s_account_are_logged_not_shown(
+    served: Served, fake_openai: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    account = "Rate limit reached for gpt-5-nano in organization org-Hidden123"
+    fake_openai.fail_with(429, {"error": {"message": account, "type": "requests"}})
+    _, token = await create_user(served.client)
+
+    with caplog.at_level(logging.WARNING, logger="aihub"):
+        response = await read_stream(served.client, token)
+
+    assert_markdown_error(response, 429, "rate limiting")
+    assert "org-Hidden123" not in response.text
+    [failed] = [r for r in caplog.records if r.getMessage() == "provider failed"]
+    assert failed.detail == account  # type: ignore[attr-defined]
 
 
 async def test_fallback_chain_serves_from_the_next_provider(

@@ -224,6 +224,65 @@ async def test_auth_error_never_repeats_the_key(fake_openai: FakeOpenAI) -> None
     assert API_KEY not in repr(provider)
 
 
+def _openai_error(status: int, message: str) -> dict[str, object]:
+    return {"error": {"message": message, "type": "requests", "param": None, "code": None}}
+
+
+ACCOUNT = "Rate limit reached for gpt-5-nano in organization org-Hidden123 on requests per min"
+
+
+@pytest.mark.parametrize("status", [404, 429, 500])
+async def test_words_about_the_server_s_account_go_to_the_logs_only(
+    provider: OpenAIProvider, fake_openai: FakeOpenAI, status: int
+) -> None:
+    fake_openai.fail_with(status, _openai_error(status, ACCOUNT))
+
+    with pytest.raises(ProviderError) as caught:
+        await collect(provider)
+
+    assert caught.value.message.endswith(f"(OpenAI answered {status})")
+    assert "org-Hidden123" not in caught.value.message
+    assert caught.value.detail == ACCOUNT
+
+
+async def test_a_caller_s_own_key_hears_openai_s_words(
+    provider: OpenAIProvider, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.fail_with(429, _openai_error(429, ACCOUNT))
+
+    with pytest.raises(ProviderRateLimited) as caught:
+        await collect(provider.with_api_key("sk-caller-own-key-9876543210"))
+
+    assert caught.value.message == f"OpenAI answered 429: {ACCOUNT}"
+
+
+async def test_a_refused_request_keeps_openai_s_words(
+    provider: OpenAIProvider, fake_openai: FakeOpenAI
+) -> None:
+    refusal = "Your request was rejected as a result of our safety system."
+    fake_openai.fail_with(400, _openai_error(400, refusal))
+
+    with pytest.raises(ProviderBadRequest) as caught:
+        await collect(provider)
+
+    assert caught.value.message == f"OpenAI answered 400: {refusal}"
+
+
+async def test_words_in_a_mid_stream_error_go_to_the_logs_only(
+    provider: OpenAIProvider, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.fail_mid_stream(3)
+
+    with pytest.raises(ProviderUnavailable) as caught:
+        await collect(provider)
+    with pytest.raises(ProviderUnavailable) as callers:
+        await collect(provider.with_api_key("sk-caller-own-key-9876543210"))
+
+    assert caught.value.message == "OpenAI failed mid-stream"
+    assert caught.value.detail == "The fake answered 500."
+    assert callers.value.message == "OpenAI failed mid-stream: The fake answered 500."
+
+
 async def test_retries_when_asked(fake_openai: FakeOpenAI) -> None:
     fake_openai.fail_with(500, times=1)
     provider = OpenAIProvider(api_key=API_KEY, base_url=fake_openai.base_url, max_retries=1)

@@ -143,7 +143,13 @@ class GeneratedImage:
 
 
 class ProviderError(AppError):
-    """A provider failed. `retryable` errors may succeed on retry or on the next provider."""
+    """A provider failed. `retryable` errors may succeed on retry or on the next provider.
+
+    `message` is what the client is told; `detail`, the provider's own words, goes to the logs
+    only. With the server's key, those words describe the operator's account (an OpenAI rate
+    limit names the organisation, a 404 which models the key may use): an adapter passes them
+    on in `message` only where they are about the caller's request (a refused prompt) or the
+    caller's own key."""
 
     status_code = 502
     code = "provider_error"
@@ -159,10 +165,12 @@ class ProviderError(AppError):
         provider: str = "",
         upstream_status: int | None = None,
         retry_after: int | None = None,
+        detail: str | None = None,
     ) -> None:
         headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
         # Upstream messages can echo a credential back: scrub whatever an adapter passes on.
         super().__init__(redact(message) if message else None, headers=headers)
+        self.detail = redact(detail) if detail else None
         self.provider = provider
         self.upstream_status = upstream_status
         self.retry_after = retry_after
@@ -226,17 +234,24 @@ def error_for_status(
     detail: str | None,
     retry_after: int | None = None,
     kind: type[ProviderError] | None = None,
+    callers_key: bool = False,
 ) -> ProviderError:
-    """The aihub error for an upstream HTTP status. An authentication failure never repeats the
-    provider's words (they may quote the key); `kind` overrides the class the status implies."""
+    """The aihub error for an upstream HTTP status; `kind` overrides the class the status
+    implies. The provider's words (`detail`) reach the client when they are about the request
+    itself (`ProviderBadRequest`: a refused prompt is the caller's to change) or about the
+    caller's own key (`callers_key`), never when they may quote a key (authentication); the logs
+    always have them (`ProviderError.detail`)."""
     if kind is None:
         kind = ProviderUnavailable if status >= 500 else _STATUS_ERRORS.get(status, ProviderError)
+    words = (detail or "no detail")[:500]
     if kind is ProviderAuthError:
         message = f"{label} rejected the API key ({status})"
+    elif callers_key or issubclass(kind, ProviderBadRequest):
+        message = f"{label} answered {status}: {words}"
     else:
-        message = f"{label} answered {status}: {(detail or 'no detail')[:500]}"
+        message = f"{kind.default_message} ({label} answered {status})"
     wait = retry_after if status in (429, 503) else None
-    return kind(message, provider=provider, upstream_status=status, retry_after=wait)
+    return kind(message, provider=provider, upstream_status=status, retry_after=wait, detail=words)
 
 
 def parse_retry_after(value: str | None) -> int | None:

@@ -179,7 +179,7 @@ class GeminiProvider(TextProvider):
             # The SDK's own checks of the upload protocol (no upload URL, an upload that never
             # became final) and answers it could not read.
             raise ProviderUnavailable(
-                f"Gemini's file upload failed: {exc}", provider=self.name
+                "Gemini's file upload failed", provider=self.name, detail=str(exc)
             ) from exc
         if not file.uri:
             raise ProviderError("Gemini returned a file without a URI", provider=self.name)

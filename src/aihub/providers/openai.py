@@ -106,6 +106,9 @@ class OpenAIProvider(TextProvider):
         self._headers: Mapping[str, str | openai.Omit] = _NO_TELEMETRY
         """Every request's headers over the client's own: no telemetry, and a caller's own key."""
         self._owns_client = True
+        self._callers_key = False
+        """Whether the key is a caller's own (`with_api_key`): OpenAI's words about it are
+        theirs to read."""
 
     def with_api_key(self, api_key: str) -> OpenAIProvider:
         """The same provider with a caller's own key, sharing this one's client and pool.
@@ -120,6 +123,7 @@ class OpenAIProvider(TextProvider):
         copy._api_key = api_key
         copy._headers = {**_NO_TELEMETRY, "Authorization": f"Bearer {api_key}"}
         copy._owns_client = False
+        copy._callers_key = True
         return copy
 
     def accepts(self, mime_type: str) -> bool:
@@ -173,9 +177,7 @@ class OpenAIProvider(TextProvider):
                 f"OpenAI connection failed: {type(exc).__name__}", provider=self.name
             ) from exc
         except openai.APIError as exc:
-            raise ProviderError(
-                f"OpenAI failed: {self._redact(exc.message)}", provider=self.name
-            ) from exc
+            raise self._failure("OpenAI failed", exc.message) from exc
 
     def _status_error(self, exc: openai.APIStatusError) -> ProviderError:
         return error_for_status(
@@ -184,7 +186,17 @@ class OpenAIProvider(TextProvider):
             label="OpenAI",
             detail=self._redact(_upstream_message(exc)),
             retry_after=_retry_after(exc.response.headers),
+            callers_key=self._callers_key,
         )
+
+    def _failure(
+        self, message: str, detail: str, kind: type[ProviderError] = ProviderError
+    ) -> ProviderError:
+        """`message`, with OpenAI's own words added when the key is the caller's."""
+        detail = self._redact(detail)
+        if self._callers_key:
+            message = f"{message}: {detail}"
+        return kind(message, provider=self.name, detail=detail)
 
     def _redact(self, text: str) -> str:
         if self._api_key:
@@ -263,8 +275,8 @@ class _ChunkReader:
 
 def _stream_error(error: Any, *, provider: OpenAIProvider) -> ProviderError:
     message = error.get("message") if isinstance(error, dict) else None
-    text = provider._redact(message) if isinstance(message, str) else "no detail"
-    return ProviderUnavailable(f"OpenAI failed mid-stream: {text}", provider=provider.name)
+    detail = message if isinstance(message, str) else "no detail"
+    return provider._failure("OpenAI failed mid-stream", detail, ProviderUnavailable)
 
 
 def _body(response: httpx2.Response) -> AsyncIterator[bytes]:

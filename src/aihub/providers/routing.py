@@ -64,7 +64,8 @@ class FailedAttempt:
         metrics.provider_requests.labels(provider, "failed").inc()
         metrics.provider_errors.labels(provider, exc.code).inc()
         logger.warning(
-            "provider failed", extra={"provider": f"{provider}:{model}", "error": exc.code}
+            "provider failed",
+            extra={"provider": f"{provider}:{model}", "error": exc.code, "detail": exc.detail},
         )
         latency_ms = round((time.perf_counter() - started) * 1000)
         return cls(provider, model, exc.code, latency_ms)
@@ -97,6 +98,14 @@ class OpenedStream:
             return await anext(self._rest)
         except ProviderError as exc:
             metrics.provider_errors.labels(self.provider, exc.code).inc()
+            logger.warning(
+                "provider failed mid-stream",
+                extra={
+                    "provider": f"{self.provider}:{self.model}",
+                    "error": exc.code,
+                    "detail": exc.detail,
+                },
+            )
             raise
 
     async def aclose(self) -> None:
