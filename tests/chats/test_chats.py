@@ -682,6 +682,38 @@ async def test_a_provider_failing_before_output_refunds_and_keeps_the_message(
         assert error_of(await ada.send("one more", chat_id=chat_id), 429) == "quota_exceeded"
 
 
+async def test_a_retry_after_a_failure_answers_the_same_message_not_a_copy(
+    served_chats: Served, fake_clerk: FakeClerk, fake_gemini: FakeGemini
+) -> None:
+    ada = person(served_chats, fake_clerk)
+    chat_id = await ada.create("retried")
+    fake_gemini.fail_with(503, times=1)
+    assert error_of(await ada.send("Are you there?", chat_id=chat_id), 503)
+
+    retried = ndjson(await ada.send("Are you there?", chat_id=chat_id))
+
+    assert appended(retried) == DEFAULT_TEXT
+    messages = (await ada.messages(chat_id)).json()
+    assert [(m["role"], m["content"]) for m in messages] == [
+        ("user", "Are you there?"),
+        ("assistant", DEFAULT_TEXT),
+    ]
+    sent = fake_gemini.last_request.json["contents"]
+    assert [turn["role"] for turn in sent] == ["user"]  # the model saw the message once
+
+
+async def test_the_same_words_again_after_an_answer_are_a_new_message(
+    served_chats: Served, fake_clerk: FakeClerk
+) -> None:
+    ada = person(served_chats, fake_clerk)
+    chat_id = await ada.create("twice")
+    for _ in range(2):
+        ndjson(await ada.send("Yes", chat_id=chat_id))
+
+    messages = (await ada.messages(chat_id)).json()
+    assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
+
+
 @pytest.mark.parametrize("mode", ["error", "drop"])
 async def test_a_provider_failing_mid_stream_ends_with_an_error_and_keeps_the_partial_reply(
     served_chats: Served, fake_clerk: FakeClerk, fake_gemini: FakeGemini, mode: Any

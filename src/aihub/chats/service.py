@@ -283,7 +283,7 @@ async def start_reply(
     user_message = ChatMessage(
         id=uuid.uuid4(), chat_id=chat_id, role="user", content=message.text, created_at=now
     )
-    await sessions.write(
+    user_message.id = await sessions.write(
         functools.partial(
             _store_message,
             message=user_message,
@@ -323,12 +323,16 @@ def _store_message(
     title: str | None,
     attached: Sequence[tuple[uuid.UUID, int]],
     policy: quotas.QuotaPolicy | None,
-) -> None:
+) -> uuid.UUID:
     """The user's message, charged one unit, in one transaction (an `AppSessions.write` job: on
     SQLite one trip to the writer thread, batched with other writes, instead of a trip per
-    statement). `created`: the chat is created with the message, named `title`; otherwise a
-    `title` names a chat created empty (the original client creates it first), unless someone
-    named it meanwhile. `attached`: the checked files (id, size)."""
+    statement); its id. `created`: the chat is created with the message, named `title`;
+    otherwise a `title` names a chat created empty (the original client creates it first), unless
+    someone named it meanwhile. `attached`: the checked files (id, size).
+
+    A retry is not a second message: when the chat ends with the same message, unanswered (the
+    provider failed, or the client left, before the reply's first output), that message is
+    answered now, charged again (the failed attempt gave its unit back)."""
     now = message.created_at
     if created:
         values = {"user_id": user_id, "title": title, "created_at": now, "updated_at": now}
@@ -338,6 +342,9 @@ def _store_message(
             update(Chat).where(Chat.id == message.chat_id, Chat.title.is_(None)).values(title=title)
         )
     quotas.take(connection, user_id=user_id, product="chats", policy=policy, now=now)
+    if not created and (unanswered := _unanswered(connection, message, attached)) is not None:
+        connection.execute(update(Chat).where(Chat.id == message.chat_id).values(updated_at=now))
+        return unanswered
     connection.execute(
         insert(ChatMessage).values(
             id=message.id,
@@ -359,6 +366,28 @@ def _store_message(
         )
     if not created:
         connection.execute(update(Chat).where(Chat.id == message.chat_id).values(updated_at=now))
+    return message.id
+
+
+def _unanswered(
+    connection: Connection, message: ChatMessage, attached: Sequence[tuple[uuid.UUID, int]]
+) -> uuid.UUID | None:
+    """The id of the chat's last message if it is `message` again (same text, same files) and
+    has no reply."""
+    last = connection.execute(
+        select(ChatMessage.id, ChatMessage.role, ChatMessage.content)
+        .where(ChatMessage.chat_id == message.chat_id)
+        .order_by(ChatMessage.created_at.desc(), ChatMessage.id.desc())
+        .limit(1)
+    ).first()
+    if last is None or last.role != "user" or last.content != message.content:
+        return None
+    files = connection.scalars(
+        select(ChatMessageFile.file_id)
+        .where(ChatMessageFile.message_id == last.id)
+        .order_by(ChatMessageFile.position)
+    ).all()
+    return last.id if list(files) == [file_id for file_id, _ in attached] else None
 
 
 def _store_reply(
