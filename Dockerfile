@@ -21,7 +21,7 @@ ENV PATH="/app/.venv/bin:$PATH" \
     HOST=0.0.0.0 \
     PORT=8000 \
     DATA_DIR=/data
-RUN mkdir -p /data && chown aihub:aihub /data
+RUN mkdir -p -m 700 /data && chown aihub:aihub /data
 VOLUME ["/data"]
 USER aihub
 EXPOSE 8000

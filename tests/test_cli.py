@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -120,6 +121,8 @@ def test_migrate_on_a_fresh_data_dir(tmp_path: Path) -> None:
     assert result.stdout.strip() == "database is up to date"
     assert (tmp_path / "data" / "aihub.db").is_file()
     assert "Traceback" not in result.stderr
+    # It holds the database and the signing key: no other local user may look in.
+    assert stat.S_IMODE((tmp_path / "data").stat().st_mode) == 0o700
 
 
 def test_migrate_accepts_one_line_pem_keys(tmp_path: Path, auth_private_key: str) -> None:

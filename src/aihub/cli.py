@@ -81,11 +81,12 @@ async def _ping_redis(url: str) -> None:
 
 
 def prepare_data_dir(path: Path) -> None:
-    """Create the data folder if need be and prove it writable."""
+    """Create the data folder if need be (readable by its owner only: it holds the database and
+    the signing key) and prove it writable."""
     if path.exists() and not path.is_dir():
         raise ConfigError(f"DATA_DIR: {path} is not a folder")
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"DATA_DIR: cannot create {path} ({_os_reason(exc)})") from None
     try:

@@ -183,7 +183,7 @@ async def _remove_orphan_uploads(app: FastAPI) -> None:
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    await anyio.Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+    await anyio.Path(settings.data_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
     engine = create_engine(
         settings.resolved_database_url,
         pool_size=settings.database_pool_size,

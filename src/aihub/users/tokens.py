@@ -176,7 +176,7 @@ def parse_private_key(pem: bytes, *, source: str) -> rsa.RSAPrivateKey:
 
 def _create_key_file(path: Path) -> None:
     """Write a new key atomically with mode 0600; a key another process wrote first wins."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     key = rsa.generate_private_key(public_exponent=65537, key_size=MIN_KEY_BITS)
     pem = key.private_bytes(
         serialization.Encoding.PEM,
