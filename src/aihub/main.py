@@ -23,7 +23,6 @@ from aihub.core.clock import Clock
 from aihub.core.config import Settings
 from aihub.core.db import create_engine, create_sessionmaker, utcnow
 from aihub.core.errors import install_error_handlers
-from aihub.core.metrics import metrics_endpoint
 from aihub.core.middleware import BodySizeLimitMiddleware, InFlight, RequestContextMiddleware
 from aihub.core.notify import create_notifier
 from aihub.core.ratelimit import MemoryRateLimiter, RedisRateLimiter, parse_networks
@@ -96,7 +95,6 @@ def create_app(settings: Settings, *, freeze_gc: bool = False, clock: Clock = ut
     app.state.freeze_gc = freeze_gc
     app.state.clock = clock
     include_routers(app, settings)
-    app.add_route("/metrics", metrics_endpoint, include_in_schema=False)
     install_error_handlers(app)  # innermost: its 500s pass through CORS
     app.add_exception_handler(IntegrityError, handle_integrity_error)
     conversation_bytes = max(settings.max_request_body_bytes, CONVERSATION_BODY_BYTES)

@@ -119,6 +119,22 @@ async def test_health_ready_and_metrics(served: Served) -> None:
     assert "aihub_active_streams" in metrics.text
 
 
+async def test_metrics_want_the_token_when_one_is_set(make_app: MakeApp) -> None:
+    async with make_app(metrics_token="scrape-0123456789") as served:
+        missing = await served.client.get("/metrics")
+        wrong = await served.client.get("/metrics", headers={"Authorization": "Bearer nope"})
+        right = await served.client.get(
+            "/metrics", headers={"Authorization": "Bearer scrape-0123456789"}
+        )
+    for refused in (missing, wrong):
+        assert refused.status_code == 401
+        assert refused.json()["error"] == "unauthorized"
+        assert "scrape-0123456789" not in refused.text
+    assert right.status_code == 200
+    assert right.headers["content-type"].startswith("text/plain")
+    assert "aihub_active_streams" in right.text
+
+
 async def test_ready_answers_503_when_the_database_is_gone(make_app: MakeApp) -> None:
     async with make_app(database_url="postgresql+asyncpg://nobody@127.0.0.1:1/none") as served:
         response = await served.client.get("/api/ready")

@@ -69,6 +69,8 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] = "json"
     sse_keepalive_seconds: float = Field(default=15.0, gt=0)
+    metrics_token: SecretStr | None = None
+    """When set, `GET /metrics` wants `Authorization: Bearer <token>`."""
 
     # Scale-out and rate limits
     redis_url: str | None = None

@@ -1,13 +1,17 @@
 from __future__ import annotations
 
+import hmac
 from typing import Any
 
 from fastapi import APIRouter, Request
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import SecretStr
+from starlette.responses import Response
 
 from aihub import __version__
 from aihub.core.config import Settings
 from aihub.core.db import Sessions, ping
-from aihub.core.errors import error_responses
+from aihub.core.errors import Unauthorized, error_responses
 from aihub.providers.routing import ImageChain, ModelChain
 
 router = APIRouter(tags=["health"])
@@ -62,3 +66,15 @@ def _byok(settings: Settings) -> dict[str, Any]:
 async def ready(sessions: Sessions) -> dict[str, str]:
     await ping(sessions)
     return {"status": "ready", "database": "ok"}
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics, to anyone, or with `METRICS_TOKEN` set only to a scraper sending it."""
+    token: SecretStr | None = request.app.state.settings.metrics_token
+    if token is not None:
+        expected = f"Bearer {token.get_secret_value()}".encode()
+        sent = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(sent, expected):
+            raise Unauthorized("GET /metrics wants the METRICS_TOKEN as a bearer token")
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
