@@ -94,6 +94,7 @@ def google_signed_url(
     expires_at: datetime,
     content_type: str | None,
     endpoint: str | None,
+    disposition: str | None = None,
 ) -> str:
     credentials = service_account.Credentials.from_service_account_info(info)  # type: ignore[no-untyped-call]
     client = GoogleClient.create_anonymous_client()
@@ -105,13 +106,20 @@ def google_signed_url(
         content_type=content_type,
         credentials=credentials,
         api_access_endpoint=endpoint,
+        response_disposition=disposition,
     )
     return url
 
 
 @pytest.mark.parametrize("key", [UPLOAD_KEY, IMAGE_KEY], ids=["upload", "image"])
 @pytest.mark.parametrize(
-    ("method", "content_type"), [("PUT", "image/png"), ("PUT", "text/plain"), ("GET", None)]
+    ("method", "content_type", "attachment"),
+    [
+        ("PUT", "image/png", False),
+        ("PUT", "text/plain", False),
+        ("GET", None, False),
+        ("GET", None, True),
+    ],
 )
 @pytest.mark.parametrize("endpoint", [None, "http://127.0.0.1:4443"], ids=["google", "fake"])
 async def test_gcs_signed_urls_are_googles_own(
@@ -120,6 +128,7 @@ async def test_gcs_signed_urls_are_googles_own(
     key: str,
     method: str,
     content_type: str | None,
+    attachment: bool,
     endpoint: str | None,
 ) -> None:
     monkeypatch.setattr(google_signing, "_NOW", lambda tz=None: NOW)
@@ -130,7 +139,7 @@ async def test_gcs_signed_urls_are_googles_own(
     )
     try:
         if content_type is None:
-            ours = storage.presigned_get(key, expires_at)
+            ours = storage.presigned_get(key, expires_at, attachment=attachment)
         else:
             ours = storage.presigned_put(key, content_type, expires_at)
     finally:
@@ -143,6 +152,7 @@ async def test_gcs_signed_urls_are_googles_own(
         expires_at=expires_at,
         content_type=content_type,
         endpoint=endpoint,
+        disposition="attachment" if attachment else None,
     )
     assert ours == theirs
     query = parse_qs(urlsplit(ours).query)
@@ -296,20 +306,31 @@ def _botocore_session() -> Any:
     return botocore.session.get_session()
 
 
-def botocore_presigned_url(case: S3Case, *, key: str, content_type: str | None) -> str:
+def botocore_presigned_url(
+    case: S3Case, *, key: str, content_type: str | None, attachment: bool = False
+) -> str:
     params = {"Bucket": BUCKET, "Key": key}
     if content_type is not None:
         params["ContentType"] = content_type
+    if attachment:
+        params["ResponseContentDisposition"] = "attachment"
     operation = "get_object" if content_type is None else "put_object"
     url: str = botocore_client(case).generate_presigned_url(operation, Params=params, ExpiresIn=900)
     return url
 
 
 @pytest.mark.parametrize("case", S3_CASES.values(), ids=S3_CASES.keys())
-@pytest.mark.parametrize("content_type", ["image/png", "application/pdf", None])
+@pytest.mark.parametrize(
+    ("content_type", "attachment"),
+    [("image/png", False), ("application/pdf", False), (None, False), (None, True)],
+)
 @pytest.mark.parametrize("key", [UPLOAD_KEY, IMAGE_KEY], ids=["upload", "image"])
 async def test_s3_presigned_urls_are_botocores_own(
-    monkeypatch: pytest.MonkeyPatch, case: S3Case, content_type: str | None, key: str
+    monkeypatch: pytest.MonkeyPatch,
+    case: S3Case,
+    content_type: str | None,
+    attachment: bool,
+    key: str,
 ) -> None:
     monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda: NOW.replace(tzinfo=None))
     storage = S3Storage(
@@ -323,13 +344,13 @@ async def test_s3_presigned_urls_are_botocores_own(
     expires_at = NOW + timedelta(seconds=900)
     try:
         if content_type is None:
-            ours = storage.presigned_get(key, expires_at)
+            ours = storage.presigned_get(key, expires_at, attachment=attachment)
         else:
             ours = storage.presigned_put(key, content_type, expires_at)
     finally:
         await storage.aclose()
 
-    theirs = botocore_presigned_url(case, key=key, content_type=content_type)
+    theirs = botocore_presigned_url(case, key=key, content_type=content_type, attachment=attachment)
     ours_parts, theirs_parts = urlsplit(ours), urlsplit(theirs)
     assert ours_parts[:3] == theirs_parts[:3]
     assert parse_qs(ours_parts.query) == parse_qs(theirs_parts.query)
@@ -403,7 +424,7 @@ class FakeGCS:
         if name not in self.objects:
             return Response(_xml_error("NoSuchKey"), 404)
         data, content_type = self.objects[name]
-        return Response(data, headers={"content-type": content_type})
+        return Response(data, headers=_stored_headers(content_type, request))
 
     async def token(self, request: Request) -> Response:
         if self.token_fail_times > 0:
@@ -501,6 +522,14 @@ _AUTHORIZATION = re.compile(
 )
 
 
+def _stored_headers(content_type: str, request: Request) -> dict[str, str]:
+    """GCS and S3 both answer a signed GET's `response-content-disposition` in kind."""
+    headers = {"content-type": content_type}
+    if disposition := request.query_params.get("response-content-disposition"):
+        headers["content-disposition"] = disposition
+    return headers
+
+
 @dataclass
 class FakeS3:
     """Path-style S3 (PutObject, GetObject, DeleteObject, ListObjectsV2) that checks each
@@ -577,7 +606,7 @@ class FakeS3:
         if key not in self.objects:
             return _s3_error(404, "NoSuchKey")
         data, content_type = self.objects[key]
-        return Response(data, headers={"content-type": content_type})
+        return Response(data, headers=_stored_headers(content_type, request))
 
     async def list(self, request: Request) -> Response:
         if (refused := await self._refused(request)) is not None:
@@ -802,6 +831,36 @@ async def test_a_browser_uploads_to_the_bucket_and_loads_the_file(
 
 
 # --- GCS specifics ---------------------------------------------------------------------------
+
+
+async def test_a_file_a_browser_would_run_as_a_page_is_a_download_from_the_bucket(
+    make_app: MakeApp,
+    bucket_settings: tuple[dict[str, Any], dict[str, tuple[bytes, str]], str],
+) -> None:
+    """aihub serves such files sandboxed; a bucket cannot, so its link makes them downloads."""
+    overrides, _, _ = bucket_settings
+    page = b"<html><script>alert(document.domain)</script></html>"
+    async with make_app(**overrides) as served, httpx.AsyncClient() as browser:
+        _, token = await create_user(served.client)
+        loaded = {}
+        for name, content_type, data in [
+            ("notes.html", "text/html", page),
+            ("photo.png", "image/png", PNG),
+        ]:
+            answer = (
+                await served.client.post(
+                    "/api/upload-url",
+                    json={"filename": name, "contentType": content_type},
+                    headers=bearer(token),
+                )
+            ).json()
+            put = await browser.put(answer["url"], content=data, headers=answer["headers"])
+            assert put.status_code == 200, put.text
+            loaded[content_type] = await browser.get(answer["gcs_url"])
+
+    assert loaded["text/html"].headers["content-disposition"] == "attachment"
+    assert loaded["text/html"].content == page
+    assert "content-disposition" not in loaded["image/png"].headers
 
 
 async def test_gcs_token_is_fetched_once_and_reused(gcs: GCSStorage, fake_gcs: FakeGCS) -> None:

@@ -102,13 +102,23 @@ class Storage(ABC):
         None when aihub serves uploads itself (the local backend)."""
         return None
 
-    def presigned_get(self, key: str, expires_at: datetime) -> str | None:
+    def presigned_get(
+        self, key: str, expires_at: datetime, *, attachment: bool = False
+    ) -> str | None:
         """A URL a browser can `GET` the object from until `expires_at`; None when aihub serves
-        it itself."""
+        it itself. `attachment`: the store answers with `Content-Disposition: attachment`, so a
+        browser that opens the link saves the file rather than showing it as a page."""
         return None
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release clients."""
+
+
+RUNS_AS_A_PAGE = frozenset(
+    {"text/html", "application/xhtml+xml", "image/svg+xml", "text/xml", "application/xml"}
+)
+"""Types a browser opening the file renders as a document that runs scripts. aihub serves them
+sandboxed (`stored_response`); a bucket's signed link cannot, so it makes them downloads."""
 
 
 async def delete_user_files(storage: Storage, user_id: uuid.UUID) -> int:

@@ -21,7 +21,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from aihub.core.errors import Conflict, NotFound, Unprocessable
-from aihub.storage.base import ObjectNotFound, Storage
+from aihub.storage.base import RUNS_AS_A_PAGE, ObjectNotFound, Storage
 from aihub.storage.models import StoredFile
 from aihub.storage.signing import UrlSigner
 
@@ -132,7 +132,8 @@ class FileLinks:
         )
 
     def download_url(self, file: StoredFile, expires_at: datetime) -> str:
-        own = self.storage.presigned_get(file.key, expires_at)
+        attachment = file.content_type in RUNS_AS_A_PAGE
+        own = self.storage.presigned_get(file.key, expires_at, attachment=attachment)
         if own is not None:
             return own
         return self.signer.link(self.base_url, file_path(file.id), expires_at=expires_at)

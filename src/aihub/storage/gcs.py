@@ -122,11 +122,13 @@ def signed_url_v4(
     expires_at: datetime,
     content_type: str | None = None,
     base_url: str = DEFAULT_BASE_URL,
+    response_disposition: str | None = None,
 ) -> str:
     """A V4 signed URL (path style) for `method` on the object, until `expires_at`.
 
     See https://cloud.google.com/storage/docs/access-control/signing-urls-manually. Signed
     headers are `host` and, when given, `content-type`: an upload must send exactly that type.
+    `response_disposition` becomes the answer's `Content-Disposition` (a signed query parameter).
     """
     base_url = base_url.rstrip("/")
     timestamp = now.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -136,15 +138,16 @@ def signed_url_v4(
     if content_type is not None:
         headers["content-type"] = " ".join(content_type.split())
     signed_headers = ";".join(sorted(headers))
-    query = canonical_query(
-        {
-            "X-Goog-Algorithm": "GOOG4-RSA-SHA256",
-            "X-Goog-Credential": f"{account.client_email}/{scope}",
-            "X-Goog-Date": timestamp,
-            "X-Goog-Expires": str(expiry_seconds(now, expires_at)),
-            "X-Goog-SignedHeaders": signed_headers,
-        }
-    )
+    params = {
+        "X-Goog-Algorithm": "GOOG4-RSA-SHA256",
+        "X-Goog-Credential": f"{account.client_email}/{scope}",
+        "X-Goog-Date": timestamp,
+        "X-Goog-Expires": str(expiry_seconds(now, expires_at)),
+        "X-Goog-SignedHeaders": signed_headers,
+    }
+    if response_disposition is not None:
+        params["response-content-disposition"] = response_disposition
+    query = canonical_query(params)
     canonical_request = "\n".join(
         [
             method.upper(),
@@ -257,11 +260,16 @@ class GCSStorage(Storage):
     def presigned_put(self, key: str, content_type: str, expires_at: datetime) -> str:
         return self._sign("PUT", key, expires_at, content_type)
 
-    def presigned_get(self, key: str, expires_at: datetime) -> str:
-        return self._sign("GET", key, expires_at)
+    def presigned_get(self, key: str, expires_at: datetime, *, attachment: bool = False) -> str:
+        return self._sign("GET", key, expires_at, disposition="attachment" if attachment else None)
 
     def _sign(
-        self, method: str, key: str, expires_at: datetime, content_type: str | None = None
+        self,
+        method: str,
+        key: str,
+        expires_at: datetime,
+        content_type: str | None = None,
+        disposition: str | None = None,
     ) -> str:
         return signed_url_v4(
             self.account,
@@ -272,6 +280,7 @@ class GCSStorage(Storage):
             expires_at=expires_at,
             content_type=content_type,
             base_url=self.base_url,
+            response_disposition=disposition,
         )
 
     # --- objects ----------------------------------------------------------------------------

@@ -94,9 +94,11 @@ class SigV4Signer:
         now: datetime,
         expires_at: datetime,
         headers: Mapping[str, str] | None = None,
+        query: Mapping[str, str] | None = None,
     ) -> str:
         """`url` (no query of its own) with the query that authorizes `method` on it until
-        `expires_at`; `headers` (besides `host`) must then be sent exactly as given."""
+        `expires_at`; `headers` (besides `host`) must then be sent exactly as given. `query`:
+        parameters signed with it (`response-content-disposition`)."""
         timestamp = _timestamp(now)
         signed = _canonical_headers(url, headers or {})
         params = {
@@ -105,12 +107,13 @@ class SigV4Signer:
             "X-Amz-Date": timestamp,
             "X-Amz-Expires": str(expiry_seconds(now, expires_at)),
             "X-Amz-SignedHeaders": ";".join(signed),
+            **(query or {}),
         }
         if self.credentials.session_token:
             params["X-Amz-Security-Token"] = self.credentials.session_token
-        query = canonical_query(params)
-        request = _canonical_request(method, url, query, signed, UNSIGNED_PAYLOAD)
-        return f"{url}?{query}&X-Amz-Signature={self.signature(timestamp, request)}"
+        signed_query = canonical_query(params)
+        request = _canonical_request(method, url, signed_query, signed, UNSIGNED_PAYLOAD)
+        return f"{url}?{signed_query}&X-Amz-Signature={self.signature(timestamp, request)}"
 
     def authorize(
         self,
@@ -214,9 +217,13 @@ class S3Storage(Storage):
             headers={"content-type": content_type},
         )
 
-    def presigned_get(self, key: str, expires_at: datetime) -> str:
+    def presigned_get(self, key: str, expires_at: datetime, *, attachment: bool = False) -> str:
         return self._signer.presign(
-            "GET", self.object_url(check_key(key)), now=self._clock(), expires_at=expires_at
+            "GET",
+            self.object_url(check_key(key)),
+            now=self._clock(),
+            expires_at=expires_at,
+            query={"response-content-disposition": "attachment"} if attachment else None,
         )
 
     # --- objects ----------------------------------------------------------------------------
