@@ -26,6 +26,7 @@ from aihub.core.errors import install_error_handlers
 from aihub.core.middleware import BodySizeLimitMiddleware, InFlight, RequestContextMiddleware
 from aihub.core.notify import create_notifier
 from aihub.core.ratelimit import MemoryRateLimiter, RedisRateLimiter, parse_networks
+from aihub.ideas.resume import LiveIdeas
 from aihub.images.worker import ImageWorker, WorkerSettings
 from aihub.providers.routing import ImageChain, ModelChain, ProviderRegistry
 from aihub.storage import create_storage
@@ -204,6 +205,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     app.state.chat_system_prompt = await asyncio.to_thread(load_system_prompt, settings)
     app.state.chat_summaries = Summaries()
+    app.state.live_ideas = LiveIdeas()
     app.state.image_chain = providers.image_chain(settings.images_model)
     _log_products({**app.state.chains, "images": app.state.image_chain})
     if settings.chat_summary_model:

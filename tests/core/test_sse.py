@@ -10,6 +10,7 @@ from starlette.types import Message
 
 from aihub.core.sse import (
     JSONEventEncoder,
+    Linger,
     MarkdownEventEncoder,
     NDJSONEncoder,
     StreamEvent,
@@ -191,6 +192,39 @@ def test_markdown_usage_event_releases_the_held_text() -> None:
     assert encoder.encode(StreamEvent("done", {})) == b"event: done\ndata:\n\n"
 
 
+@pytest.mark.parametrize("seed", range(40))
+def test_a_client_cut_off_after_any_event_gets_the_rest_from_its_last_id(seed: int) -> None:
+    """What the client has plus what `resuming` frames from its `Last-Event-ID` is the text."""
+    rng = random.Random(seed)
+    text = MARKDOWN if seed % 2 else "\n\n#" + MARKDOWN[1:].replace("\n## ", "\n\n\n## ")
+    chunks = random_chunks(text, rng)
+    encoder = MarkdownEventEncoder(ids="idea")
+    events = [encoder.encode(StreamEvent.delta(c)).decode() for c in chunks]
+    events.append(encoder.encode(StreamEvent("done", {})).decode())
+    for cut in range(len(events)):
+        had = fetch_event_source_messages("".join(events[:cut]))
+        last_id = next((m.id for m in reversed(had) if m.id), None)
+        if last_id is None:
+            continue  # no id yet: the client asks for a new idea
+        prefix, _, count = last_id.partition(":")
+        assert prefix == "idea"
+        sent = MarkdownEventEncoder.normalised(text)[: int(count)]
+        resumed = MarkdownEventEncoder.resuming("idea", sent)
+        rest = resumed.encode(StreamEvent.delta(text[int(count) :]))
+        rest += resumed.encode(StreamEvent("done", {}))
+        buffer = "".join(m.data for m in had) + markdown_buffer(rest.decode())
+        assert buffer == text.lstrip("\n"), (seed, cut)
+
+
+def test_the_id_follows_the_data_it_counts() -> None:
+    encoder = MarkdownEventEncoder(ids="i")
+    assert encoder.encode(StreamEvent.delta("#")) == b"data: #\nid: i:1\n\n"
+    assert encoder.encode(StreamEvent.delta(" Hi\n\n")) == b"data:  H\nid: i:3\n\n"
+    assert encoder.encode(StreamEvent("done", {})) == (
+        b"data: i\ndata: \ndata: \nid: i:6\n\nevent: done\ndata:\n\n"
+    )
+
+
 # --- the response -------------------------------------------------------------------------------
 
 
@@ -286,3 +320,28 @@ async def test_a_client_that_leaves_stops_the_producer_and_its_cleanup_runs() ->
     assert cleaned_up.is_set()
     assert client.body == b"first"
     assert not any(m.get("more_body") is False for m in client.sent)
+
+
+@pytest.mark.parametrize("comes_back", [False, True])
+async def test_a_lingering_stream_waits_for_its_client_to_come_back(comes_back: bool) -> None:
+    produced: list[str] = []
+
+    async def events() -> AsyncIterator[StreamEvent]:
+        for text in ["a", "b", "c", "d"]:
+            produced.append(text)
+            yield StreamEvent.delta(text)
+            await asyncio.sleep(0.1)
+
+    linger = Linger(0.15, asyncio.Event())
+    client = _Client()
+    responding = asyncio.create_task(
+        _respond(stream_response(events(), TextEncoder(), product="test", linger=linger), client)
+    )
+    await asyncio.sleep(0.05)
+    client.leave()
+    if comes_back:
+        await asyncio.sleep(0.1)
+        linger.resumed.set()  # another request follows it now
+
+    await asyncio.wait_for(responding, timeout=2)
+    assert produced == (["a", "b", "c", "d"] if comes_back else ["a", "b"])

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import uuid
 from typing import Any
 
 import httpx
 import pytest
 from sqlalchemy import Engine, event
 
+from aihub.ideas.service import CUT_SHORT
 from tests.conftest import MakeApp, Served
 from tests.factories import bearer, create_user
 from tests.fakes.openai import DEFAULT_TEXT, FakeOpenAI
@@ -67,9 +69,13 @@ async def test_json_variant_names_events_and_reports_the_stored_idea(
     events = event_source_events(response.text)
     deltas = [e for e in events if e.event == "delta"]
     assert "".join(e.data["text"] for e in deltas) == DEFAULT_TEXT  # type: ignore[index]
-    # No ids: an idea cannot be resumed, so a reconnecting client must not send Last-Event-ID.
-    assert not any(e.id for e in events)
     done = events[-1]
+    # Each delta's id says how much of which idea the client has (for `Last-Event-ID`).
+    assert isinstance(done.data, dict)
+    written = 0
+    for delta in deltas:
+        written += len(delta.data["text"])  # type: ignore[index]
+        assert delta.id == f"{done.data['idea_id']}:{written}"
     assert [e.event for e in events[-2:]] == ["usage", "done"]
     assert done.event == "done"
     assert isinstance(done.data, dict)
@@ -241,24 +247,29 @@ async def test_failure_mid_stream_says_so_and_keeps_the_partial_idea(
     assert last.data["partial"] is True  # type: ignore[index]
 
 
+@pytest.mark.parametrize("resume_seconds", [0, 0.3])
 async def test_client_disconnect_stops_upstream_and_saves_partial_idea(
-    served: Served, fake_openai: FakeOpenAI
+    make_app: MakeApp, fake_openai: FakeOpenAI, resume_seconds: float
 ) -> None:
+    """At once, or once nobody came back for the rest within IDEAS_RESUME_SECONDS."""
     fake_openai.token_delay = 0.05
-    _, token = await create_user(served.client)
-    async with served.client.stream("GET", "/api", headers=bearer(token)) as response:
-        received = b""
-        async for chunk in response.aiter_bytes():
-            received += chunk
-            if received.count(b"data: ") >= 3:
-                break
-    await asyncio.wait_for(fake_openai.disconnected.wait(), timeout=5)
+    async with make_app(ideas_resume_seconds=resume_seconds) as served:
+        _, token = await create_user(served.client)
+        async with served.client.stream("GET", "/api", headers=bearer(token)) as response:
+            received = b""
+            async for chunk in response.aiter_bytes():
+                received += chunk
+                if received.count(b"data: ") >= 3:
+                    break
+        left = asyncio.get_running_loop().time()
+        await asyncio.wait_for(fake_openai.disconnected.wait(), timeout=5)
+        assert asyncio.get_running_loop().time() - left >= resume_seconds * 0.9
 
-    for _ in range(50):
-        ideas = (await served.client.get("/api/ideas", headers=bearer(token))).json()["items"]
-        if ideas:
-            break
-        await asyncio.sleep(0.05)
+        for _ in range(50):
+            ideas = (await served.client.get("/api/ideas", headers=bearer(token))).json()
+            if ideas := ideas["items"]:
+                break
+            await asyncio.sleep(0.05)
     assert len(ideas) == 1
     assert ideas[0]["status"] == "incomplete"
     assert ideas[0]["error"] == "client_disconnected"
@@ -349,3 +360,117 @@ async def test_a_provider_failing_after_taking_the_request_but_before_any_text(
         ).scalar_one()
     )
     assert quota == served.settings.ideas_daily_quota
+
+
+# --- a client that comes back (its tab was hidden, then shown) --------------------------------
+
+
+async def read_some(
+    client: httpx.AsyncClient, token: str, events: int, **params: str
+) -> tuple[str, str]:
+    """Read `events` events, then leave as fetch-event-source does when its tab is hidden: the
+    raw text read, and the last event id seen."""
+    raw = ""
+    async with client.stream(
+        "GET", "/api", params=params, headers={**SSE_HEADERS, **bearer(token)}
+    ) as response:
+        async for chunk in response.aiter_text():
+            raw += chunk
+            if raw.count("\n\n") >= events:
+                break
+    messages = fetch_event_source_messages(raw)
+    return raw, next(m.id for m in reversed(messages) if m.id)
+
+
+async def come_back(
+    client: httpx.AsyncClient, token: str, last_event_id: str, **params: str
+) -> httpx.Response:
+    headers = {**SSE_HEADERS, **bearer(token), "Last-Event-ID": last_event_id}
+    return await client.get("/api", params=params, headers=headers)
+
+
+async def ideas_used(served: Served) -> int:
+    """Units of today's ideas quota spent."""
+    assert served.settings.ideas_daily_quota is not None
+    remaining: int = await served.app.state.sessions.write(
+        lambda connection: connection.exec_driver_sql(
+            "SELECT remaining FROM quota WHERE product = 'ideas'"
+        ).scalar_one()
+    )
+    return served.settings.ideas_daily_quota - remaining
+
+
+async def test_a_client_that_comes_back_gets_the_rest_of_the_same_idea_at_no_charge(
+    served: Served, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.token_delay = 0.02
+    _, token = await create_user(served.client)
+    first, last_id = await read_some(served.client, token, 8)
+    await asyncio.sleep(0.1)  # away for a moment: the idea is still being written
+
+    rest = await come_back(served.client, token, last_id)
+
+    assert rest.status_code == 200
+    assert markdown_buffer(first) + markdown_buffer(rest.text) == DEFAULT_TEXT
+    assert fetch_event_source_messages(rest.text)[-1].event == "done"
+    assert len(fake_openai.requests) == 1  # the provider was not asked again
+    ideas = (await served.client.get("/api/ideas", headers=bearer(token))).json()["items"]
+    assert [(i["status"], i["content"]) for i in ideas] == [("complete", DEFAULT_TEXT)]
+    assert await ideas_used(served) == 1
+
+
+async def test_the_json_variant_comes_back_the_same_way(
+    served: Served, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.token_delay = 0.02
+    _, token = await create_user(served.client)
+    first, last_id = await read_some(served.client, token, 5, format="json")
+
+    rest = await come_back(served.client, token, last_id, format="json")
+
+    events = event_source_events(first) + event_source_events(rest.text)
+    text = "".join(e.data["text"] for e in events if e.event == "delta")  # type: ignore[index]
+    assert text == DEFAULT_TEXT
+    assert [e.event for e in events[-2:]] == ["usage", "done"]
+    assert len(fake_openai.requests) == 1
+
+
+async def test_coming_back_too_late_shows_the_stored_part_and_says_it_was_cut_short(
+    make_app: MakeApp, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.token_delay = 0.05
+    async with make_app(ideas_resume_seconds=0.1) as served:
+        _, token = await create_user(served.client)
+        first, last_id = await read_some(served.client, token, 4)
+        await asyncio.wait_for(fake_openai.disconnected.wait(), timeout=5)
+        for _ in range(50):  # until the partial idea is stored
+            ideas = (await served.client.get("/api/ideas", headers=bearer(token))).json()
+            if ideas["items"]:
+                break
+            await asyncio.sleep(0.05)
+
+        rest = await come_back(served.client, token, last_id)
+
+        shown = markdown_buffer(first) + markdown_buffer(rest.text)
+        stored = ideas["items"][0]["content"]
+        assert shown.startswith(stored)
+        assert shown.endswith(f"**Error:** {CUT_SHORT}\n")
+        assert len(fake_openai.requests) == 1
+        assert await ideas_used(served) == 1
+
+
+@pytest.mark.parametrize("last_event_id", ["someone-else", "not-an-id", f"{uuid.uuid4()}:3"])
+async def test_an_id_that_is_not_one_of_the_caller_s_ideas_gets_a_new_idea(
+    served: Served, fake_openai: FakeOpenAI, last_event_id: str
+) -> None:
+    if last_event_id == "someone-else":
+        _, other = await create_user(served.client)
+        _, last_event_id = await read_some(served.client, other, 3)
+    _, token = await create_user(served.client)
+
+    response = await come_back(served.client, token, last_event_id)
+
+    assert markdown_buffer(response.text) == DEFAULT_TEXT
+    assert fake_openai.requests[-1].json["stream"] is True
+    ideas = (await served.client.get("/api/ideas", headers=bearer(token))).json()["items"]
+    assert len(ideas) == 1

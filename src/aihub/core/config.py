@@ -117,6 +117,9 @@ class Settings(BaseSettings):
         "with headings, sub-headings and bullet points."
     )
     ideas_required_plan: str | None = None
+    ideas_resume_seconds: float = Field(default=30.0, ge=0, le=600)
+    """How long an idea goes on being written after its client left, for the client to come
+    back (`Last-Event-ID`) and get the rest; 0: the provider is stopped at once."""
     challenges_model: str = "openai:gpt-4o-mini"
     challenges_temperature: float | None = Field(default=0.7, ge=0, le=2)
     challenges_fallback: bool = True

@@ -18,6 +18,7 @@ request) the moment the client goes away.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import time
@@ -97,16 +98,37 @@ class MarkdownEventEncoder:
 
     The encoder follows fenced code blocks, so that a stream that fails inside one closes it
     before its error line, which then reads as text.
+
+    With `ids`, every event with text ends with `id: <ids>:<n>`, `n` being how many characters
+    of the (normalised) text the client then has: the client sends the last one back as
+    `Last-Event-ID` when it reconnects, and `resuming(ids, text)` frames the rest from there.
     """
 
     media_type: str = "text/event-stream"
+    ids: str | None = None
     _held: str = ""
+    _padded: bool = False
+    """Whether `_held` starts with a space of the encoder's own (see above), not the text's."""
+    _seen: int = 0
+    """Characters of the normalised text taken in so far."""
     _started: bool = False
     """Whether any text has been sent: a newline before it needs no line to end."""
     _line: str = ""
     """The start of the text's current line (enough to tell a code fence)."""
     _fence: str | None = None
     """The fence of the code block the text is in, if it is in one."""
+
+    @classmethod
+    def resuming(cls, ids: str, sent: str) -> MarkdownEventEncoder:
+        """An encoder that goes on after `sent`, the normalised text a client already has."""
+        encoder = cls(ids=ids, _seen=len(sent), _started=bool(sent.lstrip("\n")))
+        encoder._follow(sent)
+        return encoder
+
+    @staticmethod
+    def normalised(text: str) -> str:
+        """`text` as the encoder counts it (line breaks as `\n`)."""
+        return _normalise(text)
 
     def encode(self, event: StreamEvent) -> bytes:
         if event.kind == "delta":
@@ -129,11 +151,14 @@ class MarkdownEventEncoder:
     def _frame(self, text: str, *, hold: bool = True, event: str | None = None) -> bytes:
         text = _normalise(text)
         self._follow(text)
+        if event is None:
+            self._seen += len(text)
         pending = self._held + text
         if not self._started:
             pending = pending.lstrip("\n")
         elif pending.startswith("\n"):  # only after a first character sent whole
             pending = " " + pending
+            self._padded = True
         if not hold:
             cut = len(pending)
         else:
@@ -143,8 +168,12 @@ class MarkdownEventEncoder:
         self._held = pending[cut:]
         if not cut:
             return b""
+        self._padded = self._padded and not cut
         self._started = True
-        return _markdown_event(pending[:cut], event)
+        if self.ids is None or event is not None:
+            return _markdown_event(pending[:cut], event)
+        delivered = self._seen - len(self._held) + self._padded
+        return _markdown_event(pending[:cut], id=f"{self.ids}:{delivered}")
 
     def _follow(self, text: str) -> None:
         """Follow the text's lines in and out of fenced code blocks."""
@@ -178,9 +207,13 @@ def _normalise(text: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def _markdown_event(text: str, event: str | None = None) -> bytes:
+def _markdown_event(text: str, event: str | None = None, id: str | None = None) -> bytes:
     head = f"event: {event}\n" if event else ""
-    return (head + "".join(f"data: {line}\n" for line in text.split("\n")) + "\n").encode()
+    # The id after the data: fetch-event-source takes an id as soon as it reads the line, and
+    # the text only at the blank line, so a connection cut in between must not count the text
+    # as had.
+    tail = f"id: {id}\n\n" if id else "\n"
+    return (head + "".join(f"data: {line}\n" for line in text.split("\n")) + tail).encode()
 
 
 def markdown_error_body(message: str) -> bytes:
@@ -316,6 +349,18 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
+@dataclass(frozen=True)
+class Linger:
+    """How long a stream whose client left goes on, waiting for `resumed` (another request that
+    follows it from where the client was) before it stops as if nobody ever would."""
+
+    seconds: float
+    resumed: asyncio.Event
+    worth: Callable[[], bool] = lambda: True
+    """Whether the client has anything to come back for (a stream that sent no text yet is
+    asked for afresh, not resumed)."""
+
+
 def stream_response(
     events: AsyncIterable[StreamEvent],
     encoder: Encoder,
@@ -326,6 +371,7 @@ def stream_response(
     keepalive_seconds: float = 15.0,
     headers: Mapping[str, str] | None = None,
     say_interrupted: bool = True,
+    linger: Linger | None = None,
 ) -> Response:
     """Stream `events` through `encoder`.
 
@@ -334,6 +380,8 @@ def stream_response(
     and `stop_reason` tells them why. So does a server that stops before the stream ends; the
     client is then sent an `error` event (unless not `say_interrupted`) and a clean end, since a
     stream that is just cut off looks complete to some clients (the ideas client's Markdown).
+    With `linger`, a client that leaves stops the producer only if no other request resumes
+    the stream within `linger.seconds`; once one has, the producer runs to its end.
     """
     body = _encoded(events, encoder, product, provider, started_at or time.perf_counter())
 
@@ -347,6 +395,7 @@ def stream_response(
         keepalive=encoder.keepalive(),
         keepalive_seconds=keepalive_seconds,
         farewell=farewell if say_interrupted else None,
+        linger=linger,
     )
 
 
@@ -370,9 +419,11 @@ class EventStream(StreamingResponse):
         keepalive: bytes | None,
         keepalive_seconds: float,
         farewell: Callable[[], bytes] | None = None,
+        linger: Linger | None = None,
     ) -> None:
         super().__init__(body, media_type=media_type, headers=headers)
         self._body = body
+        self._linger = linger
         self._farewell = farewell
         """What to send before ending a stream the server stops (not its client); None: just
         end it."""
@@ -456,8 +507,19 @@ class EventStream(StreamingResponse):
             if message["type"] == "http.disconnect":
                 if not self._finished:
                     self._client_left = True
-                    stream.cancel(CLIENT_LEFT)
+                    if not await self._resumed():
+                        stream.cancel(CLIENT_LEFT)
                 return
+
+    async def _resumed(self) -> bool:
+        """Whether, with a `Linger`, another request took the stream up in time (what the
+        producer still sends here goes nowhere: the server drops it)."""
+        if self._linger is None or not self._linger.worth():
+            return False
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._linger.seconds):
+                await self._linger.resumed.wait()
+        return self._linger.resumed.is_set() or self._finished
 
 
 async def _encoded(

@@ -8,9 +8,11 @@ from starlette.responses import Response
 
 from aihub.core.errors import use_error_renderer
 from aihub.core.sse import STREAM_HEADERS, markdown_error_body
+from aihub.ideas.resume import LiveIdeas, get_live_ideas
 from aihub.providers.routing import ModelChain, text_chain
 
 IdeasChain = Annotated[ModelChain, Depends(text_chain("ideas"))]
+LiveIdeasDep = Annotated[LiveIdeas, Depends(get_live_ideas)]
 
 
 def render_markdown_error(

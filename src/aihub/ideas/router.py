@@ -4,7 +4,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from starlette.responses import Response
 
 from aihub.core.auth import AUTH_ERRORS, CurrentPlan, CurrentUser, require_plan
@@ -14,12 +14,13 @@ from aihub.core.db import SessionDep, Sessions
 from aihub.core.errors import error_responses
 from aihub.core.sse import (
     JSONEventEncoder,
+    Linger,
     MarkdownEventEncoder,
     stream_response,
     unless_disconnected,
 )
-from aihub.ideas import service
-from aihub.ideas.dependencies import IdeasChain, markdown_errors
+from aihub.ideas import resume, service
+from aihub.ideas.dependencies import IdeasChain, LiveIdeasDep, markdown_errors
 from aihub.ideas.schemas import IdeaPage, IdeaRead
 from aihub.usage import quotas
 
@@ -34,6 +35,12 @@ first delta of one character is sent at once; the README's "Streams" lists the i
 differences: a space before a line break, newlines before the first text, `\r`), and it ends with
 `event: done` carrying empty data. Errors, before or during the stream, arrive as
 `text/event-stream` with one readable Markdown line.
+
+Every event with text carries an id, `<idea id>:<characters the client has>`. A request that
+sends one back as `Last-Event-ID` (the original client does when its tab is shown again) gets the
+rest of that idea instead of a new one, at no charge: followed live while it is still being
+written (an idea goes on for `IDEAS_RESUME_SECONDS` after its client left), else from the stored
+idea, ending with an error line if it was cut short.
 
 `?format=json` gives named events instead: `delta` `{"text"}`, then `usage`
 `{"input_tokens", "output_tokens"}` and `done` with the stored idea's
@@ -76,12 +83,34 @@ async def stream_idea(
     sessions: Sessions,
     chain: IdeasChain,
     now: Now,
+    live_ideas: LiveIdeasDep,
     format: Annotated[
         Literal["markdown", "json"], Query(description="Wire format of the stream")
     ] = "markdown",
+    last_event_id: Annotated[
+        str | None,
+        Header(description="The last event id seen: the rest of that idea, at no charge"),
+    ] = None,
 ) -> Response:
     started_at = time.perf_counter()
     require_plan(plan, settings.ideas_required_plan or None)
+    if (resuming := resume.parse_last_event_id(last_event_id)) is not None:
+        idea_id, position = resuming
+        measure = str if format == "json" else MarkdownEventEncoder.normalised
+        resumed = await service.resume_idea(
+            sessions, live_ideas, user=user, idea_id=idea_id, position=position, measure=measure
+        )
+        if resumed is not None:
+            return stream_response(
+                resumed.events,
+                JSONEventEncoder()
+                if format == "json"
+                else MarkdownEventEncoder.resuming(str(idea_id), resumed.sent),
+                product="ideas",
+                started_at=started_at,
+                keepalive_seconds=settings.sse_keepalive_seconds,
+                headers={"X-AIHub-Provider": resumed.label},
+            )
     stream = await unless_disconnected(
         request,
         service.start_idea(
@@ -91,9 +120,11 @@ async def stream_idea(
             prompt=settings.ideas_prompt,
             policy=quotas.policy_for(settings, "ideas"),
             now=now,
+            live_ideas=live_ideas,
         ),
     )
-    encoder = JSONEventEncoder() if format == "json" else MarkdownEventEncoder()
+    live = stream.live
+    encoder = JSONEventEncoder() if format == "json" else MarkdownEventEncoder(ids=str(live.id))
     return stream_response(
         stream.events,
         encoder,
@@ -102,6 +133,9 @@ async def stream_idea(
         started_at=started_at,
         keepalive_seconds=settings.sse_keepalive_seconds,
         headers={"X-AIHub-Provider": f"{stream.provider}:{stream.model}"},
+        linger=Linger(settings.ideas_resume_seconds, live.resumed, lambda: bool(live.parts))
+        if settings.ideas_resume_seconds
+        else None,
     )
 
 

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import cast
@@ -20,6 +20,7 @@ from aihub.core.errors import AppError, NotFound
 from aihub.core.pagination import page_newest_first
 from aihub.core.sse import STOP_REASONS, StreamEvent, stop_reason
 from aihub.ideas.models import Idea
+from aihub.ideas.resume import LiveIdea, LiveIdeas
 from aihub.providers.base import Finish, Message, ProviderError, TextDelta, TextRequest, Usage
 from aihub.providers.routing import FailedAttempt, ModelChain, OpenedStream
 from aihub.usage import quotas
@@ -45,6 +46,7 @@ class IdeaStream:
     events: AsyncIterator[StreamEvent]
     provider: str
     model: str
+    live: LiveIdea
 
 
 async def start_idea(
@@ -55,6 +57,7 @@ async def start_idea(
     prompt: str,
     policy: QuotaPolicy | None,
     now: datetime,
+    live_ideas: LiveIdeas,
 ) -> IdeaStream:
     """Reserve a unit of the quota and open the provider stream; errors before its first output
     raise here, as HTTP errors, and give the unit back."""
@@ -94,8 +97,9 @@ async def start_idea(
         provider=opened.provider,
         model=opened.model,
     )
-    events = _idea_events(sessions, opened, idea, started=started)
-    return IdeaStream(events, opened.provider, opened.model)
+    live = LiveIdea(idea.id, user.id, f"{opened.provider}:{opened.model}")
+    events = _idea_events(sessions, opened, idea, started=started, live=live, live_ideas=live_ideas)
+    return IdeaStream(events, opened.provider, opened.model, live)
 
 
 def _ms_since(started: float) -> int:
@@ -122,16 +126,42 @@ async def _idea_events(
     idea: Idea,
     *,
     started: float,
+    live: LiveIdea,
+    live_ideas: LiveIdeas,
 ) -> AsyncIterator[StreamEvent]:
-    draft = _Draft(parts=[])
+    live_ideas.add(live)
+    try:
+        async for event in _written(sessions, opened, idea, started=started, live=live):
+            yield event
+    finally:
+        if not live.ended:  # stopped: whoever follows it learns so
+            live.end([StreamEvent.error("client_disconnected", CUT_SHORT)])
+        live_ideas.remove(live)
+
+
+CUT_SHORT = "The idea was cut short: its page was away for too long. Ask for a new one."
+
+
+async def _written(
+    sessions: AppSessions,
+    opened: OpenedStream,
+    idea: Idea,
+    *,
+    started: float,
+    live: LiveIdea,
+) -> AsyncIterator[StreamEvent]:
+    draft = _Draft(parts=live.parts)
     failure: ProviderError | None = None
     finished = saved = False
+    ids, written = f"{idea.id}:", 0
     try:
         try:
             async for event in opened:
                 if isinstance(event, TextDelta):
                     draft.parts.append(event.text)
-                    yield StreamEvent.delta(event.text)
+                    live.grew()
+                    written += len(event.text)
+                    yield StreamEvent.delta(event.text, id=f"{ids}{written}")
                 elif isinstance(event, Usage):
                     draft.usage = event
                 elif isinstance(event, Finish):
@@ -140,10 +170,11 @@ async def _idea_events(
         except ProviderError as exc:
             failure = exc
         await opened.aclose()
+        usage = StreamEvent("usage", draft.usage_read())
         if failure is None:
             # The text is whole: let the client have all of it now, not after the write below
             # (which, on a busy embedded database, can take a good fraction of a second).
-            yield StreamEvent("usage", draft.usage_read())
+            yield usage
         saving = asyncio.ensure_future(
             _save(
                 sessions,
@@ -176,19 +207,76 @@ async def _idea_events(
     if failure is not None:
         # With no text there is no idea to point to (`_save` stores none).
         stored = {"idea_id": str(idea.id)} if draft.parts else {}
-        yield StreamEvent.error(failure.code, failure.message, **stored, partial=bool(draft.parts))
+        partial = bool(draft.parts)
+        failed = StreamEvent.error(failure.code, failure.message, **stored, partial=partial)
+        live.end([failed])
+        yield failed
         return
-    yield StreamEvent(
-        "done",
-        {
-            "idea_id": str(idea.id),
-            "status": idea.status,
-            "provider": idea.provider,
-            "model": idea.model,
-            "usage": draft.usage_read(),
-            "finish_reason": idea.finish_reason,
-        },
+    done = StreamEvent("done", _done(idea))
+    live.end([usage, done])
+    yield done
+
+
+@dataclass
+class ResumedIdea:
+    events: AsyncIterator[StreamEvent]
+    sent: str
+    """The text the client already has, as it counted it."""
+    label: str
+    """`provider:model`."""
+
+
+async def resume_idea(
+    sessions: AppSessions,
+    live_ideas: LiveIdeas,
+    *,
+    user: User,
+    idea_id: uuid.UUID,
+    position: int,
+    measure: Callable[[str], str],
+) -> ResumedIdea | None:
+    """The rest of one of the user's ideas after the client's first `position` characters
+    (counted by `measure`): followed live while it is being written here, else from the stored
+    idea; None if there is no such idea of theirs."""
+    live = live_ideas.get(idea_id, user_id=user.id)
+    if live is not None:
+        text = "".join(measure(part) for part in live.parts)
+        position = min(position, len(text))
+        return ResumedIdea(live.follow(position, measure=measure), text[:position], live.label)
+    async with sessions() as session:
+        idea = await session.get(Idea, idea_id)
+    if idea is None or idea.user_id != user.id:
+        return None
+    text = measure(idea.content)
+    position = min(position, len(text))
+    return ResumedIdea(
+        _replayed(idea, text, position), text[:position], f"{idea.provider}:{idea.model}"
     )
+
+
+async def _replayed(idea: Idea, text: str, position: int) -> AsyncIterator[StreamEvent]:
+    if len(text) > position:
+        yield StreamEvent.delta(text[position:], id=f"{idea.id}:{len(text)}")
+    if idea.status == "complete":
+        usage = {"input_tokens": idea.input_tokens, "output_tokens": idea.output_tokens}
+        yield StreamEvent("usage", usage)
+        yield StreamEvent("done", _done(idea))
+    elif idea.error == "client_disconnected":
+        yield StreamEvent.error(idea.error, CUT_SHORT, idea_id=str(idea.id), partial=True)
+    else:
+        code, message = idea.error or "incomplete", f"The idea was cut short ({idea.error})"
+        yield StreamEvent.error(code, message, idea_id=str(idea.id), partial=True)
+
+
+def _done(idea: Idea) -> dict[str, object]:
+    return {
+        "idea_id": str(idea.id),
+        "status": idea.status,
+        "provider": idea.provider,
+        "model": idea.model,
+        "usage": {"input_tokens": idea.input_tokens, "output_tokens": idea.output_tokens},
+        "finish_reason": idea.finish_reason,
+    }
 
 
 async def _save(
