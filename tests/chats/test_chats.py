@@ -23,7 +23,9 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
 
+from aihub.chats import service as chat_service
 from aihub.chats.context import SUMMARY_INSTRUCTION
 from aihub.chats.models import Chat, ChatMessage, ChatMessageFile
 from aihub.storage.models import StoredFile
@@ -712,6 +714,21 @@ async def test_the_same_words_again_after_an_answer_are_a_new_message(
 
     messages = (await ada.messages(chat_id)).json()
     assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
+
+
+async def test_a_reply_that_cannot_be_stored_ends_with_an_error_not_done(
+    served_chats: Served, fake_clerk: FakeClerk, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def database_gone(*args: Any, **kwargs: Any) -> None:
+        raise OperationalError("INSERT", {}, Exception("the database went away"))
+
+    ada = person(served_chats, fake_clerk)
+    monkeypatch.setattr(chat_service, "_store_reply", database_gone)
+
+    lines = ndjson(await ada.send("Hello?"))
+
+    assert appended(lines) == DEFAULT_TEXT
+    assert lines[-1] == {"error": chat_service.NOT_STORED, "code": "not_stored"}
 
 
 @pytest.mark.parametrize("mode", ["error", "drop"])

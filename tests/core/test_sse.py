@@ -9,6 +9,7 @@ from starlette.responses import Response
 from starlette.types import Message
 
 from aihub.core.sse import (
+    BROKE,
     JSONEventEncoder,
     Linger,
     MarkdownEventEncoder,
@@ -320,6 +321,18 @@ async def test_a_client_that_leaves_stops_the_producer_and_its_cleanup_runs() ->
     assert cleaned_up.is_set()
     assert client.body == b"first"
     assert not any(m.get("more_body") is False for m in client.sent)
+
+
+async def test_a_producer_that_breaks_mid_stream_ends_the_reply_with_an_error() -> None:
+    async def events() -> AsyncIterator[StreamEvent]:
+        yield StreamEvent.delta("Half an ans")
+        raise RuntimeError("a bug")
+
+    client = _Client()
+    await _respond(stream_response(events(), MarkdownEventEncoder(), product="test"), client)
+
+    assert markdown_buffer(client.body.decode()) == f"Half an ans\n\n**Error:** {BROKE}\n"
+    assert client.sent[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
 
 
 @pytest.mark.parametrize("comes_back", [False, True])

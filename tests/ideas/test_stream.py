@@ -11,8 +11,10 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import Engine, event
+from sqlalchemy.exc import OperationalError
 
-from aihub.ideas.service import CUT_SHORT
+from aihub.ideas import service
+from aihub.ideas.service import CUT_SHORT, NOT_STORED
 from tests.conftest import MakeApp, Served
 from tests.factories import bearer, create_user
 from tests.fakes.openai import DEFAULT_TEXT, FakeOpenAI
@@ -474,3 +476,22 @@ async def test_an_id_that_is_not_one_of_the_caller_s_ideas_gets_a_new_idea(
     assert fake_openai.requests[-1].json["stream"] is True
     ideas = (await served.client.get("/api/ideas", headers=bearer(token))).json()["items"]
     assert len(ideas) == 1
+
+
+async def test_an_idea_that_cannot_be_stored_says_so(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def database_gone(*args: Any, **kwargs: Any) -> None:
+        raise OperationalError("INSERT", {}, Exception("the database went away"))
+
+    _, token = await create_user(served.client)
+    monkeypatch.setattr(service, "insert_with_usage", database_gone)
+
+    markdown = await read_stream(served.client, token)
+    json_variant = await read_stream(served.client, token, format="json")
+
+    shown = markdown_buffer(markdown.text)
+    assert shown.startswith(DEFAULT_TEXT)
+    assert shown.endswith(f"\n\n**Error:** {NOT_STORED}\n")
+    last = event_source_events(json_variant.text)[-1]
+    assert (last.event, last.data["code"]) == ("error", "not_stored")  # type: ignore[index]

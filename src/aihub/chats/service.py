@@ -535,6 +535,9 @@ async def _still_as_checked(storage: Storage, stored: StoredFile) -> bytes | Non
     return None
 
 
+NOT_STORED = "The reply could not be stored, so the chat does not keep it; please send again"
+
+
 @dataclass
 class _Recorder:
     """Relays the model's events and stores the reply when the stream ends, however it ends."""
@@ -576,11 +579,16 @@ class _Recorder:
         finally:
             with anyio.CancelScope(shield=True):
                 await self.opened.aclose()  # a client that left stops the spend
-                message_id = await self._save(finished, error, stopped)
+                stored, message_id = await self._save(finished, error, stopped)
         if error is not None:
             yield StreamEvent(
                 "error",
                 {"code": error.code, "message": error.message, "retryable": error.retryable},
+            )
+            return
+        if not stored:  # the reply is not kept: the client must not take it for one that is
+            yield StreamEvent(
+                "error", {"code": "not_stored", "message": NOT_STORED, "retryable": True}
             )
             return
         yield StreamEvent(
@@ -598,7 +606,8 @@ class _Recorder:
 
     async def _save(
         self, finished: bool, error: ProviderError | None, stopped: StopReason | None
-    ) -> uuid.UUID | None:
+    ) -> tuple[bool, uuid.UUID | None]:
+        """Whether the reply and its usage were stored; the reply's id if there is one."""
         text = "".join(self.text)
         latency_ms = round((time.perf_counter() - self.started) * 1000)
         message_id: uuid.UUID | None = None
@@ -650,10 +659,10 @@ class _Recorder:
             )
         except Exception:
             logger.exception("could not store a chat reply", extra={"chat_id": str(self.chat_id)})
-            return None
+            return False, None
         if finished and self.after_reply is not None:
             self.after_reply(self.chat_id)
-        return message_id
+        return True, message_id
 
 
 # --- the rolling summary --------------------------------------------------------------------------

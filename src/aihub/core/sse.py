@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import re
 import time
 from collections.abc import (
@@ -41,6 +42,8 @@ from aihub.core import metrics
 from aihub.core.errors import AppError
 
 T = TypeVar("T")
+
+logger = logging.getLogger("aihub.streams")
 
 STREAM_HEADERS = {"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "no"}
 
@@ -289,6 +292,7 @@ CLIENT_LEFT = "aihub: the client left"
 """The message a stream's task is cancelled with when its client disconnects."""
 
 INTERRUPTED = "The server stopped before the reply was complete; please try again"
+BROKE = "Something went wrong on the server before the reply was complete; please try again"
 
 
 StopReason = Literal["client_disconnected", "interrupted", "internal_error"]
@@ -388,6 +392,9 @@ def stream_response(
     def farewell() -> bytes:
         return encoder.encode(StreamEvent.error("interrupted", INTERRUPTED))
 
+    def broke() -> bytes:
+        return encoder.encode(StreamEvent.error("internal_error", BROKE))
+
     return EventStream(
         body,
         media_type=encoder.media_type,
@@ -395,6 +402,7 @@ def stream_response(
         keepalive=encoder.keepalive(),
         keepalive_seconds=keepalive_seconds,
         farewell=farewell if say_interrupted else None,
+        broke=broke,
         linger=linger,
     )
 
@@ -419,11 +427,15 @@ class EventStream(StreamingResponse):
         keepalive: bytes | None,
         keepalive_seconds: float,
         farewell: Callable[[], bytes] | None = None,
+        broke: Callable[[], bytes] | None = None,
         linger: Linger | None = None,
     ) -> None:
         super().__init__(body, media_type=media_type, headers=headers)
         self._body = body
         self._linger = linger
+        self._broke = broke
+        """What to send before ending a stream whose producer failed after the response began
+        (a bug, or a database that went away): a client must not take it for a whole reply."""
         self._farewell = farewell
         """What to send before ending a stream the server stops (not its client); None: just
         end it."""
@@ -465,18 +477,24 @@ class EventStream(StreamingResponse):
             raise
         except OSError:
             return  # the client's connection broke mid-send: it has left
+        except Exception:
+            if not started:
+                raise  # the app's error handler answers it
+            logger.exception("a stream failed after its response began")
+            await self._end_with(send, self._broke)
         finally:
             self._finished = True
             watcher.cancel()
             await self._body.aclose()
 
     async def _say_interrupted(self, send: Send) -> None:
+        await self._end_with(send, self._farewell)
+
+    async def _end_with(self, send: Send, last: Callable[[], bytes] | None) -> None:
         self._finished = True
         try:
-            if self._farewell is not None:
-                await send(
-                    {"type": "http.response.body", "body": self._farewell(), "more_body": True}
-                )
+            if last is not None:
+                await send({"type": "http.response.body", "body": last(), "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:
             pass  # the client is gone too

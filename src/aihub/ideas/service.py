@@ -140,6 +140,7 @@ async def _idea_events(
 
 
 CUT_SHORT = "The idea was cut short: its page was away for too long. Ask for a new one."
+NOT_STORED = "The idea could not be stored, so it is not in your history; please try again later"
 
 
 async def _written(
@@ -192,6 +193,13 @@ async def _written(
             await saving
             saved = True
             raise
+        except Exception:
+            saved = True  # it cannot be: say so, rather than end as if it were
+            logger.exception("could not store an idea", extra={"idea_id": str(idea.id)})
+            unsaved = StreamEvent.error("not_stored", NOT_STORED, partial=bool(draft.parts))
+            live.end([unsaved])
+            yield unsaved
+            return
         saved = True
     except BaseException as exc:
         if not saved:
