@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import AsyncIterator
 
 import pytest
@@ -140,6 +141,21 @@ async def test_ready_answers_503_when_the_database_is_gone(make_app: MakeApp) ->
         response = await served.client.get("/api/ready")
     assert response.status_code == 503
     assert response.json()["error"] == "database_unavailable"
+
+
+async def test_a_database_that_cannot_be_reached_is_a_503_not_a_500(make_app: MakeApp) -> None:
+    async with make_app(database_url="postgresql+asyncpg://nobody@127.0.0.1:1/none") as served:
+        body = {"email": "ada@example.com", "password": "correct horse battery"}
+        register = await served.client.post("/api/auth/register", json=body)
+        token = served.app.state.authenticator.issuer.issue(uuid.uuid4()).token
+        idea = await served.client.get("/api", headers=bearer(token))
+
+    assert register.status_code == 503
+    assert register.json()["error"] == "database_unavailable"
+    assert register.headers["retry-after"] == "5"
+    assert idea.status_code == 503  # the ideas client's own error format
+    assert idea.headers["content-type"].startswith("text/event-stream")
+    assert "database is unavailable" in idea.text
 
 
 async def test_docs_tag_every_route(served: Served) -> None:

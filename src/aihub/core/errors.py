@@ -7,6 +7,7 @@ for its requests with `use_error_renderer`.
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
@@ -14,6 +15,8 @@ from typing import Any, ClassVar
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -251,10 +254,35 @@ class UnexpectedErrorMiddleware:
         except Exception as exc:
             if scope.get(RESPONSE_STARTED):
                 raise
-            logger.exception("unhandled error", exc_info=exc)
             request = Request(scope, receive)
-            response = _render(request, 500, AppError.code, AppError.default_message)
+            if database_unreachable(exc):
+                # Not a bug here: the database is down or refusing connections (as
+                # `GET /api/ready` says). A 503 tells clients and load balancers to come back.
+                logger.error("the database is unreachable: %s", type(exc).__name__)
+                status, code, message = 503, "database_unavailable", DATABASE_UNREACHABLE
+                response = _render(request, status, code, message, {"Retry-After": "5"})
+            else:
+                logger.exception("unhandled error", exc_info=exc)
+                response = _render(request, 500, AppError.code, AppError.default_message)
             await response(scope, receive, send)
+
+
+DATABASE_UNREACHABLE = "The database is unavailable; try again shortly"
+
+
+def database_unreachable(exc: BaseException) -> bool:
+    """Whether `exc` says the database cannot be reached, rather than that a statement is
+    wrong: a refused or broken connection, or no free connection in the pool in time."""
+    if isinstance(exc, OperationalError | InterfaceError | PoolTimeout):
+        return True
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, ConnectionError) or (
+        isinstance(exc, OSError) and exc.errno in _CONNECT_ERRNOS
+    )
+
+
+_CONNECT_ERRNOS = {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT}
 
 
 def install_error_handlers(app: FastAPI) -> None:
