@@ -176,6 +176,18 @@ async def test_output_file_errors_are_mapped(
     assert caught.value.upstream_status == 500
 
 
+@pytest.mark.parametrize("output", [b"<html>hi</html>", b"", b"GIF89a not supported"])
+async def test_an_output_that_is_not_an_image_is_a_failure(
+    provider: ReplicateProvider, fake_replicate: FakeReplicate, output: bytes
+) -> None:
+    fake_replicate.png = output
+
+    with pytest.raises(ProviderError) as caught:
+        await provider.generate_image(CAT, model=MODEL)
+
+    assert caught.value.message == "Replicate's output is not an image"
+
+
 async def test_deadline_cancels_the_prediction(fake_replicate: FakeReplicate) -> None:
     fake_replicate.image_delay = 5.0
     fake_replicate.prefer_wait_max = 0.0

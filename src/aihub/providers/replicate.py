@@ -35,7 +35,6 @@ from aihub.providers.base import (
 logger = logging.getLogger("aihub.providers.replicate")
 
 _TERMINAL = frozenset({"succeeded", "failed", "canceled"})
-_FORMAT_TYPES = {"png": "image/png", "webp": "image/webp", "jpg": "image/jpeg"}
 
 # Replicate's errors do not keep the response, so a response hook notes the Retry-After of the
 # latest response of the current call here (the context is the calling task's own).
@@ -124,7 +123,14 @@ class ReplicateProvider(ImageProvider):
             )
         url = _output_url(prediction.output)
         data = await FileOutput(url, self._client).aread()
-        mime_type = _sniff_image_type(data) or _FORMAT_TYPES[request.output_format]
+        if (mime_type := _sniff_image_type(data)) is None:
+            # An error page, or a model whose output is something else: never stored or
+            # served as the image it is not.
+            raise ProviderError(
+                "Replicate's output is not an image",
+                provider=self.name,
+                detail=f"{len(data)} bytes from {url}, starting {data[:16]!r}",
+            )
         return GeneratedImage(url, data, mime_type, extra={"prediction_id": prediction.id})
 
     async def _create(self, request: ImageRequest, *, model: str) -> Prediction:
