@@ -716,6 +716,36 @@ async def test_the_same_words_again_after_an_answer_are_a_new_message(
     assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
 
 
+@pytest.mark.parametrize(
+    ("text", "finish", "code"),
+    [
+        ("  \n ", "STOP", "provider_empty_answer"),
+        ("I would rather", "SAFETY", "provider_content_filtered"),
+    ],
+)
+async def test_an_empty_or_filtered_reply_is_an_error_and_costs_nothing(
+    served_chats: Served,
+    fake_clerk: FakeClerk,
+    fake_gemini: FakeGemini,
+    text: str,
+    finish: str,
+    code: str,
+) -> None:
+    fake_gemini.text, fake_gemini.finish_reason = text, finish
+    ada = person(served_chats, fake_clerk)
+
+    lines = ndjson(await ada.send("Hello?"))
+
+    assert lines[-1]["code"] == code
+    assert not any(line.get("done") for line in lines)
+    messages = (await ada.messages(lines[0]["chat_id"])).json()
+    assert [m["status"] for m in messages if m["role"] == "assistant"] == (
+        ["incomplete"] if text.strip() else []
+    )
+    quota = await db_rows(served_chats, select(Quota))
+    assert [q.remaining for q in quota] == [served_chats.settings.chats_daily_quota]
+
+
 async def test_a_reply_that_cannot_be_stored_ends_with_an_error_not_done(
     served_chats: Served, fake_clerk: FakeClerk, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -754,7 +784,9 @@ async def test_a_provider_failing_mid_stream_ends_with_an_error_and_keeps_the_pa
         ("assistant", partial, "incomplete"),
     ]
     usage = await db_rows(served_chats, select(UsageRecord))
-    assert [(u.outcome, u.error) for u in usage] == [("incomplete", "provider_unavailable")]
+    assert [(u.outcome, u.error) for u in usage] == [("failed", "provider_unavailable")]
+    quota = await db_rows(served_chats, select(Quota))
+    assert [q.remaining for q in quota] == [served_chats.settings.chats_daily_quota]  # given back
 
 
 async def test_a_client_that_leaves_closes_the_upstream_and_keeps_the_partial_reply(
@@ -785,7 +817,7 @@ async def test_a_client_that_leaves_closes_the_upstream_and_keeps_the_partial_re
     assert DEFAULT_TEXT.startswith(reply["content"])
     assert len(reply["content"]) < len(DEFAULT_TEXT)
     usage = await db_rows(served_chats, select(UsageRecord))
-    assert [(u.product, u.outcome) for u in usage] == [("chats", "incomplete")]
+    assert [(u.product, u.outcome) for u in usage] == [("chats", "cancelled")]
 
 
 async def test_a_slow_reply_gets_no_keep_alive_lines_in_ndjson(

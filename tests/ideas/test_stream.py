@@ -495,3 +495,28 @@ async def test_an_idea_that_cannot_be_stored_says_so(
     assert shown.endswith(f"\n\n**Error:** {NOT_STORED}\n")
     last = event_source_events(json_variant.text)[-1]
     assert (last.event, last.data["code"]) == ("error", "not_stored")  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("tokens", "finish", "code"),
+    [
+        ([], "stop", "provider_empty_answer"),
+        (["  ", "\n"], "stop", "provider_empty_answer"),
+        (["# A start"], "content_filter", "provider_content_filtered"),
+    ],
+)
+async def test_an_empty_or_filtered_idea_is_an_error_and_costs_nothing(
+    served: Served, fake_openai: FakeOpenAI, tokens: list[str], finish: str, code: str
+) -> None:
+    fake_openai.tokens, fake_openai.finish_reason = tokens, finish
+    _, token = await create_user(served.client)
+
+    markdown = await read_stream(served.client, token)
+    json_variant = await read_stream(served.client, token, format="json")
+
+    assert "**Error:**" in markdown_buffer(markdown.text)
+    last = event_source_events(json_variant.text)[-1]
+    assert (last.event, last.data["code"]) == ("error", code)  # type: ignore[index]
+    ideas = (await served.client.get("/api/ideas", headers=bearer(token))).json()["items"]
+    assert [i["status"] for i in ideas] == (["incomplete"] * 2 if "".join(tokens).strip() else [])
+    assert await ideas_used(served) == 0

@@ -41,6 +41,7 @@ from aihub.providers.base import (
     TextProvider,
     TextRequest,
     Usage,
+    unusable_answer,
 )
 from aihub.providers.routing import ModelChain, OpenedStream
 from aihub.storage import files
@@ -394,16 +395,18 @@ def _store_reply(
     connection: Connection,
     *,
     reply: dict[str, Any] | None,
+    refund: bool,
     user_id: uuid.UUID,
     usage_rows: list[dict[str, Any]],
     chat_id: uuid.UUID,
     now: datetime,
 ) -> None:
-    """The model's reply (None: nothing came, and the user gets the unit back) with its usage
-    rows, in one transaction (an `AppSessions.write` job)."""
+    """The model's reply (None: nothing came) with its usage rows, in one transaction (an
+    `AppSessions.write` job); `refund`: the user gets the unit back (nothing came, or the
+    provider failed), as for ideas."""
     if reply is not None:
         connection.execute(insert(ChatMessage).values(reply))
-    else:
+    if refund:
         quotas.give_back(connection, user_id=user_id, product="chats")
     insert_usage(connection, usage_rows)
     connection.execute(update(Chat).where(Chat.id == chat_id).values(updated_at=now))
@@ -558,6 +561,7 @@ class _Recorder:
             yield StreamEvent("meta", {"chat_id": str(self.chat_id)})
         error: ProviderError | None = None
         finished = False
+        finish_reason: str | None = None
         stopped: StopReason | None = None
         try:
             async for event in self.opened:
@@ -569,8 +573,10 @@ class _Recorder:
                 elif isinstance(event, Usage):
                     self.usage = event
                 elif isinstance(event, Finish):
-                    pass
+                    finish_reason = event.reason
             finished = True
+            text = "".join(self.text)
+            error = unusable_answer(text, finish_reason, provider=self.opened.provider)
         except ProviderError as exc:
             error = exc
         except BaseException as exc:
@@ -614,7 +620,8 @@ class _Recorder:
         now = self.clock()
         usage = self.usage
         reply: dict[str, Any] | None = None
-        if text or finished:
+        complete = finished and error is None
+        if text.strip() or complete:
             message_id = uuid.uuid4()
             reply = {
                 "id": message_id,
@@ -622,7 +629,7 @@ class _Recorder:
                 "chat_id": self.chat_id,
                 "role": "assistant",
                 "content": text,
-                "status": "complete" if finished else "incomplete",
+                "status": "complete" if complete else "incomplete",
                 "provider": self.opened.provider,
                 "model": self.opened.model,
                 "input_tokens": usage.input_tokens if usage else None,
@@ -640,7 +647,7 @@ class _Recorder:
                 provider=self.opened.provider,
                 model=self.opened.model,
                 latency_ms=latency_ms,
-                outcome="succeeded" if finished else "incomplete",
+                outcome="failed" if error else "cancelled" if stopped else "succeeded",
                 input_tokens=usage.input_tokens if usage else None,
                 output_tokens=usage.output_tokens if usage else None,
                 error=error.code if error else None,
@@ -651,6 +658,7 @@ class _Recorder:
                 functools.partial(
                     _store_reply,
                     reply=reply,
+                    refund=reply is None or error is not None,
                     user_id=self.user_id,
                     usage_rows=rows,
                     chat_id=self.chat_id,
@@ -660,7 +668,7 @@ class _Recorder:
         except Exception:
             logger.exception("could not store a chat reply", extra={"chat_id": str(self.chat_id)})
             return False, None
-        if finished and self.after_reply is not None:
+        if complete and self.after_reply is not None:
             self.after_reply(self.chat_id)
         return True, message_id
 

@@ -21,7 +21,15 @@ from aihub.core.pagination import page_newest_first
 from aihub.core.sse import STOP_REASONS, StreamEvent, stop_reason
 from aihub.ideas.models import Idea
 from aihub.ideas.resume import LiveIdea, LiveIdeas
-from aihub.providers.base import Finish, Message, ProviderError, TextDelta, TextRequest, Usage
+from aihub.providers.base import (
+    Finish,
+    Message,
+    ProviderError,
+    TextDelta,
+    TextRequest,
+    Usage,
+    unusable_answer,
+)
 from aihub.providers.routing import FailedAttempt, ModelChain, OpenedStream
 from aihub.usage import quotas
 from aihub.usage.quotas import QuotaPolicy
@@ -168,6 +176,8 @@ async def _written(
                 elif isinstance(event, Finish):
                     draft.finish_reason = event.reason
             finished = True
+            text = "".join(draft.parts)
+            failure = unusable_answer(text, draft.finish_reason, provider=opened.provider)
         except ProviderError as exc:
             failure = exc
         await opened.aclose()
@@ -214,8 +224,8 @@ async def _written(
         raise
     if failure is not None:
         # With no text there is no idea to point to (`_save` stores none).
-        stored = {"idea_id": str(idea.id)} if draft.parts else {}
-        partial = bool(draft.parts)
+        partial = bool("".join(draft.parts).strip())
+        stored = {"idea_id": str(idea.id)} if partial else {}
         failed = StreamEvent.error(failure.code, failure.message, **stored, partial=partial)
         live.end([failed])
         yield failed
@@ -308,7 +318,7 @@ async def _save(
     idea.error = error
     idea.completed_at = utcnow()
     provider_failed = error is not None and error not in STOP_REASONS
-    nothing = error is not None and not draft.parts
+    nothing = error is not None and not idea.content.strip()
     refund = provider_failed or nothing
 
     usage_rows = [

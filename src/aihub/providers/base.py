@@ -214,6 +214,29 @@ class ProviderBadRequest(ProviderError):
     fallback = False
 
 
+class ProviderEmptyAnswer(ProviderError):
+    code = "provider_empty_answer"
+    default_message = "The model answered with no text; try again"
+    retryable = True
+
+
+class ProviderContentFiltered(ProviderError):
+    status_code = 422
+    code = "provider_content_filtered"
+    default_message = "The provider's content filter stopped the answer"
+    fallback = False
+
+
+def unusable_answer(text: str, finish_reason: str | None, *, provider: str) -> ProviderError | None:
+    """What is wrong with a whole answer that a product must not pass off as one: stopped by
+    the provider's content filter, or nothing but whitespace."""
+    if finish_reason == "content_filter":
+        return ProviderContentFiltered(provider=provider)
+    if not text.strip():
+        return ProviderEmptyAnswer(provider=provider)
+    return None
+
+
 _STATUS_ERRORS: dict[int, type[ProviderError]] = {
     400: ProviderBadRequest,
     401: ProviderAuthError,
