@@ -3,6 +3,7 @@ pass, repair, fallback, and what each outcome costs."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -241,6 +242,44 @@ async def test_a_failing_provider_refunds_and_says_so(
     assert await remaining(served, token) == 50
     assert await count(served, Challenge) == 0
     assert await count(served, UsageRecord, outcome="failed", product="challenges") == 1
+
+
+async def test_an_answer_that_trickles_past_the_deadline_is_a_503_and_free(
+    make_app: MakeApp, fake_openai: FakeOpenAI
+) -> None:
+    """Each read comes in time (the provider's timeout is per read): the whole must too."""
+    fake_openai.answers = [answer()]
+    fake_openai.token_delay = 0.1
+    async with make_app(challenges_timeout_seconds=0.4) as served:
+        _, token = await create_user(served.client)
+
+        response = await generate(served, token)
+
+        assert response.status_code == 503
+        assert response.json()["error"] == "provider_timeout"
+        await asyncio.wait_for(fake_openai.disconnected.wait(), timeout=3)
+        assert await remaining(served, token) == 50
+        assert await count(served, Challenge) == 0
+
+
+async def test_a_client_that_leaves_stops_the_generation_and_is_not_charged(
+    served: Served, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.first_token_delay = 5
+    _, token = await create_user(served.client)
+    request = asyncio.create_task(generate(served, token))
+    while fake_openai.stats.started == 0:
+        await asyncio.sleep(0.01)
+
+    request.cancel()  # the client goes away
+
+    await asyncio.wait_for(fake_openai.disconnected.wait(), timeout=3)
+    for _ in range(50):
+        if await count(served, UsageRecord, outcome="cancelled", product="challenges"):
+            break
+        await asyncio.sleep(0.05)
+    assert await count(served, UsageRecord, outcome="cancelled", product="challenges") == 1
+    assert await remaining(served, token) == 50
 
 
 async def test_offline_serves_a_real_challenge(make_app: MakeApp) -> None:

@@ -4,7 +4,7 @@ import uuid
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 from starlette.responses import Response
 
 from aihub.challenges import service
@@ -20,6 +20,7 @@ from aihub.core.clock import Now
 from aihub.core.config import SettingsDep
 from aihub.core.db import SessionDep, Sessions
 from aihub.core.errors import error_responses
+from aihub.core.sse import unless_disconnected
 from aihub.providers.routing import ModelChain, text_chain
 from aihub.usage import quotas
 from aihub.usage.idempotency import IDEMPOTENCY_ERRORS, IdempotencyKeyHeader, IdempotentRequest
@@ -44,6 +45,7 @@ ChallengesChain = Annotated[ModelChain, Depends(text_chain("challenges"))]
     ),
 )
 async def generate_challenge(
+    http_request: Request,
     body: ChallengeCreate,
     user: CurrentUser,
     settings: SettingsDep,
@@ -65,18 +67,23 @@ async def generate_challenge(
         if request.replay is not None:
             return _json(request.replay.body, headers={"Idempotent-Replayed": "true"})
 
-        challenge = await service.generate_challenge(
-            sessions,
-            chain=chain,
-            user_id=user.id,
-            difficulty=body.difficulty,
-            options=service.GenerationSettings(
-                policy=quotas.policy_for(settings, "challenges"),
-                temperature=settings.challenges_temperature,
-                fallback=settings.challenges_fallback,
+        # A client that leaves stops the generation (and is not charged for it).
+        challenge = await unless_disconnected(
+            http_request,
+            service.generate_challenge(
+                sessions,
+                chain=chain,
+                user_id=user.id,
+                difficulty=body.difficulty,
+                options=service.GenerationSettings(
+                    policy=quotas.policy_for(settings, "challenges"),
+                    temperature=settings.challenges_temperature,
+                    fallback=settings.challenges_fallback,
+                    timeout_seconds=settings.challenges_timeout_seconds,
+                ),
+                now=now,
+                on_saved=request.saver(_body),
             ),
-            now=now,
-            on_saved=request.saver(_body),
         )
     return _json(_body(challenge))
 

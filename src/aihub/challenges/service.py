@@ -3,6 +3,7 @@ store only a challenge that passed; a failure refunds, and so does the built-in 
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -27,7 +28,14 @@ from aihub.challenges.models import Challenge
 from aihub.core.db import AppSessions
 from aihub.core.errors import NotFound
 from aihub.core.pagination import page_newest_first
-from aihub.providers.base import Message, ProviderError, TextDelta, TextRequest, Usage
+from aihub.providers.base import (
+    Message,
+    ProviderError,
+    ProviderUnavailable,
+    TextDelta,
+    TextRequest,
+    Usage,
+)
 from aihub.providers.routing import FailedAttempt, ModelChain
 from aihub.usage import quotas
 from aihub.usage.quotas import QuotaPolicy
@@ -47,6 +55,12 @@ class GenerationSettings:
     policy: QuotaPolicy | None
     temperature: float | None
     fallback: bool
+    timeout_seconds: float = 120.0
+
+
+class GenerationTimedOut(ProviderUnavailable):
+    code = "provider_timeout"
+    default_message = "The model did not finish its answer in time; try again"
 
 
 @dataclass(slots=True)
@@ -81,7 +95,11 @@ async def generate_challenge(
     )
     calls: list[_Call] = []
     try:
-        answer = await _answer(chain, difficulty, options.temperature, calls)
+        try:
+            async with asyncio.timeout(options.timeout_seconds):
+                answer = await _answer(chain, difficulty, options.temperature, calls)
+        except TimeoutError:
+            raise GenerationTimedOut(provider=chain.primary.provider.name) from None
     except BaseException as exc:
         with anyio.CancelScope(shield=True):
             error = exc.code if isinstance(exc, ProviderError) else "cancelled"

@@ -123,6 +123,9 @@ class Settings(BaseSettings):
     challenges_model: str = "openai:gpt-4o-mini"
     challenges_temperature: float | None = Field(default=0.7, ge=0, le=2)
     challenges_fallback: bool = True
+    challenges_timeout_seconds: float = Field(default=120.0, gt=0, le=3600)
+    """The longest a challenge's generation may take, its repair included (the provider's
+    timeout bounds each read only, and a provider may trickle its answer)."""
 
     images_model: str = Field(
         default="replicate:black-forest-labs/flux-schnell",
