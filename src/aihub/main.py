@@ -17,7 +17,7 @@ from starlette.middleware.cors import CORSMiddleware
 from aihub import __version__
 from aihub.api import include_routers
 from aihub.chats.router import load_system_prompt
-from aihub.chats.service import Summaries
+from aihub.chats.service import Replying, Summaries
 from aihub.core.auth import Authenticator, handle_integrity_error
 from aihub.core.clock import Clock
 from aihub.core.config import Settings
@@ -205,6 +205,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     app.state.chat_system_prompt = await asyncio.to_thread(load_system_prompt, settings)
     app.state.chat_summaries = Summaries()
+    app.state.chat_replying = Replying()
     app.state.live_ideas = LiveIdeas()
     app.state.image_chain = providers.image_chain(settings.images_model)
     _log_products({**app.state.chains, "images": app.state.image_chain})

@@ -704,6 +704,30 @@ async def test_a_retry_after_a_failure_answers_the_same_message_not_a_copy(
     assert [turn["role"] for turn in sent] == ["user"]  # the model saw the message once
 
 
+async def test_a_double_submit_is_refused_while_the_reply_is_being_written(
+    served_chats: Served, fake_clerk: FakeClerk, fake_gemini: FakeGemini
+) -> None:
+    ada = person(served_chats, fake_clerk)
+    chat_id = await ada.create("double")
+    fake_gemini.token_delay = 0.02
+
+    first, second = await asyncio.gather(
+        ada.send("Are you there?", chat_id=chat_id),
+        ada.send("Are you there?", chat_id=chat_id),
+    )
+
+    statuses = sorted([first.status_code, second.status_code])
+    assert statuses == [200, 409]
+    refused = first if first.status_code == 409 else second
+    assert refused.json()["error"] == "reply_in_progress"
+    messages = (await ada.messages(chat_id)).json()
+    assert [m["role"] for m in messages] == ["user", "assistant"]
+    quota = await db_rows(served_chats, select(Quota))
+    assert [q.remaining for q in quota] == [served_chats.settings.chats_daily_quota - 1]
+    again = ndjson(await ada.send("And now?", chat_id=chat_id))  # free again once it is done
+    assert appended(again) == fake_gemini.text
+
+
 async def test_the_same_words_again_after_an_answer_are_a_new_message(
     served_chats: Served, fake_clerk: FakeClerk
 ) -> None:

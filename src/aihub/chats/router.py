@@ -302,6 +302,7 @@ def _is_reference(text: str) -> bool:
             {
                 **AUTH_ERRORS,
                 404: "No such chat or file of yours",
+                409: "A reply to this chat is still being written (a double submit)",
                 422: "Invalid message, or a file the model cannot read",
                 429: "Chat quota exceeded (see Retry-After), or the provider is rate limiting",
                 502: "The provider failed",
@@ -345,6 +346,7 @@ async def chat(
         opening=lambda opening: unless_disconnected(request, opening),
         after_reply=after_reply,
         clock=request.app.state.clock,
+        replying=request.app.state.chat_replying,
     )
     wants_sse = "text/event-stream" in request.headers.get("accept", "")
     encoder = TypedEventEncoder() if wants_sse else NDJSONEncoder(_ndjson_line)

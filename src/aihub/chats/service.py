@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from aihub.chats import context
 from aihub.chats.models import Chat, ChatMessage, ChatMessageFile
 from aihub.core.db import AppSessions, utcnow
-from aihub.core.errors import NotFound, Unprocessable
+from aihub.core.errors import Conflict, NotFound, Unprocessable
 from aihub.core.pagination import page_newest_first
 from aihub.core.sse import StopReason, StreamEvent, stop_reason
 from aihub.providers.base import (
@@ -224,6 +224,34 @@ async def delete_chat(
 # --- a reply -------------------------------------------------------------------------------------
 
 
+class ReplyInProgress(Conflict):
+    code = "reply_in_progress"
+    default_message = "A reply to this chat is still being written; wait for it to finish"
+
+
+class Replying:
+    """The chats this process is answering, each by the request task answering it: a second
+    message to a chat while its reply is being written (a double submit) is refused, rather than
+    charged and answered twice in one history. A task that ended, however it ended, holds
+    nothing. Several instances do not see each other's."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[uuid.UUID, asyncio.Task[Any]] = {}
+
+    def claim(self, chat_id: uuid.UUID) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        holder = self._tasks.get(chat_id)
+        if holder is not None and holder is not task and not holder.done():
+            raise ReplyInProgress()
+        self._tasks[chat_id] = task
+        task.add_done_callback(functools.partial(self._release, chat_id))
+
+    def _release(self, chat_id: uuid.UUID, task: asyncio.Task[Any]) -> None:
+        if self._tasks.get(chat_id) is task:
+            del self._tasks[chat_id]
+
+
 @dataclass
 class IncomingMessage:
     text: str
@@ -259,12 +287,17 @@ async def start_reply(
     opening: Callable[[Awaitable[OpenedStream]], Awaitable[OpenedStream]],
     after_reply: Callable[[uuid.UUID], None] | None = None,
     clock: Callable[[], datetime] = utcnow,
+    replying: Replying | None = None,
 ) -> Reply:
     """Store the user's message (charging one unit), open the model's reply, and return its
-    events. `opening` wraps the provider's opening (to cancel it if the client leaves)."""
+    events. `opening` wraps the provider's opening (to cancel it if the client leaves);
+    `replying`, when given, refuses a chat already being answered (run the reply's events in
+    the same task)."""
     started = time.perf_counter()
     if not message.text.strip() and not message.references:
         raise Unprocessable("messages: the last message has neither text nor files")
+    if chat_id is not None and replying is not None:
+        replying.claim(chat_id)
     provider = chain.primary.provider
     async with sessions() as session:
         chat = await get_chat(session, user_id=user_id, chat_id=chat_id) if chat_id else None
