@@ -234,6 +234,17 @@ async def test_a_wrong_key_is_a_401_that_does_not_repeat_it(
     assert KEY[-4:] not in response.text
 
 
+async def test_an_empty_answer_is_not_passed_off_as_one(
+    served_byok: Served, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.tokens = ["  "]
+
+    response = await chat(served_byok.client, chat_body())
+
+    assert response.status_code == 200  # the answer had begun: its end says what went wrong
+    assert response.text.startswith("  \n\n[The reply was cut short: The model answered with no")
+
+
 @pytest.mark.parametrize("mode", ["error", "drop"])
 async def test_a_reply_cut_short_says_so(
     served_byok: Served, fake_openai: FakeOpenAI, mode: Any

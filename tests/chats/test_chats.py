@@ -646,7 +646,7 @@ async def test_the_user_message_is_stored_before_the_reply_arrives(
     [
         ("500", 503, "provider_unavailable"),
         ("429", 429, "provider_rate_limited"),
-        ("blocked", 502, "provider_bad_request"),
+        ("blocked", 422, "provider_bad_request"),
     ],
 )
 async def test_a_provider_failing_before_output_refunds_and_keeps_the_message(

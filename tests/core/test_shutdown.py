@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from aihub.chats.models import ChatMessage
@@ -82,6 +82,9 @@ async def test_an_idea_stream_the_server_stops_says_so_and_is_stored(
     assert [(status, error) for status, error, _ in ideas] == [("incomplete", "interrupted")]
     assert DEFAULT_TEXT.startswith(ideas[0].content)
     assert ideas[0].content.startswith(partial)  # all it produced, stored
+    async with db_engine.connect() as connection:
+        left = (await connection.execute(text("SELECT remaining FROM quota"))).scalars().all()
+    assert left == [make_settings().ideas_daily_quota]  # the server's doing: given back
 
 
 async def test_a_stopping_server_waits_for_a_cancelled_stream_to_store_its_answer(

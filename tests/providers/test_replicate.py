@@ -165,15 +165,21 @@ async def test_rate_limit_carries_retry_after(
     assert caught.value.retry_after == 12
 
 
+@pytest.mark.parametrize(("status", "kind"), [(500, ProviderUnavailable), (404, ProviderError)])
 async def test_output_file_errors_are_mapped(
-    provider: ReplicateProvider, fake_replicate: FakeReplicate
+    provider: ReplicateProvider,
+    fake_replicate: FakeReplicate,
+    status: int,
+    kind: type[ProviderError],
 ) -> None:
-    fake_replicate.fail_files_with(500)
+    fake_replicate.fail_files_with(status)
 
-    with pytest.raises(ProviderUnavailable) as caught:
+    with pytest.raises(kind) as caught:
         await provider.generate_image(CAT, model=MODEL)
 
-    assert caught.value.upstream_status == 500
+    assert type(caught.value) is kind  # a file gone is not an unknown model
+    assert caught.value.upstream_status == status
+    assert caught.value.message == f"Replicate's output file could not be fetched ({status})"
 
 
 @pytest.mark.parametrize("output", [b"<html>hi</html>", b"", b"GIF89a not supported"])

@@ -9,6 +9,7 @@ from aihub.byok.schemas import ChatRequest
 from aihub.core.errors import Unprocessable
 from aihub.core.sse import StreamEvent
 from aihub.providers.base import (
+    Finish,
     Message,
     ProviderAuthError,
     ProviderError,
@@ -17,6 +18,7 @@ from aihub.providers.base import (
     TextPart,
     TextRequest,
     Usage,
+    unusable_answer,
 )
 from aihub.providers.openai import OpenAIProvider
 from aihub.providers.routing import Candidate, ModelChain, OpenedStream
@@ -78,12 +80,19 @@ async def open_reply(
 
 async def reply_events(opened: OpenedStream) -> AsyncIterator[StreamEvent]:
     usage: Usage | None = None
+    text: list[str] = []
+    finish_reason: str | None = None
     try:
         async for event in opened:
             if isinstance(event, TextDelta):
+                text.append(event.text)
                 yield StreamEvent.delta(event.text)
             elif isinstance(event, Usage):
                 usage = event
+            elif isinstance(event, Finish):
+                finish_reason = event.reason
+        if problem := unusable_answer("".join(text), finish_reason, provider=opened.provider):
+            raise problem
     except ProviderError as exc:
         yield StreamEvent.error(exc.code, exc.message)
         return

@@ -691,7 +691,7 @@ class _Recorder:
                 functools.partial(
                     _store_reply,
                     reply=reply,
-                    refund=reply is None or error is not None,
+                    refund=reply is None or error is not None or stopped == "interrupted",
                     user_id=self.user_id,
                     usage_rows=rows,
                     chat_id=self.chat_id,

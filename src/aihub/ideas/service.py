@@ -317,9 +317,12 @@ async def _save(
     idea.finish_reason = draft.finish_reason
     idea.error = error
     idea.completed_at = utcnow()
+    # The provider failed, or the server stopped (`interrupted`): either way not the user's
+    # doing, so the unit comes back; a client that left keeps its charge.
     provider_failed = error is not None and error not in STOP_REASONS
+    server_stopped = error == "interrupted"
     nothing = error is not None and not idea.content.strip()
-    refund = provider_failed or nothing
+    refund = provider_failed or server_stopped or nothing
 
     usage_rows = [
         *failed_attempt_rows(user_id=idea.user_id, product="ideas", attempts=failed),

@@ -207,8 +207,10 @@ class ProviderNotFound(ProviderError):
 
 
 class ProviderBadRequest(ProviderError):
-    """The request itself was refused (too long, unsupported content, blocked by a filter)."""
+    """The request itself was refused (too long, unsupported content, blocked by a filter):
+    the caller's to change, so a 422 rather than a 502."""
 
+    status_code = 422
     code = "provider_bad_request"
     default_message = "The model provider refused the request"
     fallback = False

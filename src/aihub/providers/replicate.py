@@ -90,9 +90,16 @@ class ReplicateProvider(ImageProvider):
         except ReplicateError as exc:
             raise _status_error(exc.status, exc.detail or exc.title, noted[0]) from exc
         except httpx.HTTPStatusError as exc:
+            # The output file, not the model: a 404 here is a file gone, not an unknown model.
             status = exc.response.status_code
-            detail = f"output file {exc.response.reason_phrase}"
-            raise _status_error(status, detail, exc.response.headers.get("retry-after")) from exc
+            kind = ProviderUnavailable if status >= 500 or status in (408, 429) else ProviderError
+            raise kind(
+                f"Replicate's output file could not be fetched ({status})",
+                provider=self.name,
+                upstream_status=status,
+                retry_after=parse_retry_after(exc.response.headers.get("retry-after")),
+                detail=exc.response.reason_phrase,
+            ) from exc
         except (httpx.TransportError, TimeoutError) as exc:
             raise ProviderUnavailable(
                 f"Replicate did not answer in time or the connection failed: {type(exc).__name__}",
