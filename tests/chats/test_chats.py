@@ -723,7 +723,9 @@ async def test_a_double_submit_is_refused_while_the_reply_is_being_written(
     messages = (await ada.messages(chat_id)).json()
     assert [m["role"] for m in messages] == ["user", "assistant"]
     quota = await db_rows(served_chats, select(Quota))
-    assert [q.remaining for q in quota] == [served_chats.settings.chats_daily_quota - 1]
+    daily = served_chats.settings.chats_daily_quota
+    assert daily is not None
+    assert [q.remaining for q in quota] == [daily - 1]
     again = ndjson(await ada.send("And now?", chat_id=chat_id))  # free again once it is done
     assert appended(again) == fake_gemini.text
 
