@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from alembic import context
+from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 import aihub.main  # noqa: F401 - importing the app registers every model on Base.metadata
@@ -31,9 +32,18 @@ def _configure(connection: Connection | None = None, url: str | None = None) -> 
     )
 
 
+MIGRATION_LOCK = 0x61696875620001
+"""PostgreSQL advisory lock key ("aihub" and 1): instances that start together against one
+database migrate it one after the other (the second finds it up to date), instead of racing
+to create the same tables."""
+
+
 def _run_sync(connection: Connection) -> None:
     _configure(connection)
     with context.begin_transaction():
+        if connection.dialect.name == "postgresql":
+            # Held until this transaction ends: the migrations' own.
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
         context.run_migrations()
 
 

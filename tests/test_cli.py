@@ -79,6 +79,16 @@ BAD_SETTINGS = {
         {"CLERK_JWKS_URL": "notaurl"},
         "aihub: CLERK_JWKS_URL: must be an absolute http:// or https:// URL",
     ),
+    "system-prompt-file": (
+        {"CHAT_SYSTEM_PROMPT_FILE": "/nonexistent/prompt.md"},
+        "aihub: CHAT_SYSTEM_PROMPT_FILE: cannot read /nonexistent/prompt.md"
+        " (no such file or directory)",
+    ),
+    "database-url-parameter": (
+        {"DATABASE_URL": "postgresql://u:s3cret-pw@127.0.0.1:1/x?application_name=aihub"},
+        "aihub: DATABASE_URL: the query parameter 'application_name' is not supported"
+        " (supported: sslmode or ssl, connect_timeout or timeout, command_timeout)",
+    ),
 }
 
 
@@ -113,6 +123,19 @@ def test_data_dir_that_is_a_file_is_one_line(tmp_path: Path) -> None:
     result = run_aihub(tmp_path, "migrate")
     assert result.returncode != 0
     assert result.stderr.splitlines() == [f"aihub: DATA_DIR: {tmp_path / 'data'} is not a folder"]
+
+
+def test_settings_left_empty_as_the_example_shows_them_mean_their_default(
+    tmp_path: Path,
+) -> None:
+    """`.env.example` shows these as `NAME=`: uncommenting one must not stop the server."""
+    empty = {
+        "AUTH_ALLOW_REGISTRATION": "",
+        "CHALLENGES_TEMPERATURE": "",
+        "CHAT_SYSTEM_PROMPT_FILE": "",
+    }
+    result = run_aihub(tmp_path, "migrate", **empty, LOG_LEVEL="debug")
+    assert result.returncode == 0, result.stderr
 
 
 def test_migrate_on_a_fresh_data_dir(tmp_path: Path) -> None:

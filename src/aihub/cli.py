@@ -22,7 +22,7 @@ import typer
 from aihub.core.config import ConfigError, Settings, load_settings
 
 if TYPE_CHECKING:
-    from sqlalchemy.exc import DBAPIError
+    pass
 
 app = typer.Typer(help="aihub: five AI products behind one backend.", no_args_is_help=True)
 users_app = typer.Typer(help="Manage local accounts.", no_args_is_help=True)
@@ -56,6 +56,13 @@ def check_start_up(settings: Settings) -> None:
     check_signing_key(settings)
     if settings.clerk_jwt_key:
         parse_public_key(settings.clerk_jwt_key, source="CLERK_JWT_KEY")
+    if (prompt_file := settings.chat_system_prompt_file) and not settings.chat_system_prompt:
+        try:
+            prompt_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = _os_reason(exc) if isinstance(exc, OSError) else "not UTF-8 text"
+            message = f"CHAT_SYSTEM_PROMPT_FILE: cannot read {prompt_file} ({reason})"
+            raise ConfigError(message) from None
     check_database(settings.resolved_database_url)
 
 
@@ -103,7 +110,7 @@ def check_database(url: str) -> None:
 
     try:
         asyncio.run(_connect(url))
-    except (OSError, DBAPIError) as exc:  # TimeoutError is an OSError
+    except (OSError, DBAPIError, ValueError, TypeError) as exc:  # TimeoutError is an OSError
         parsed = make_url(url)  # only host, port or path are shown: never the password
         if parsed.get_backend_name() == "sqlite":
             where = f"cannot open the database at {parsed.database}"
@@ -124,11 +131,15 @@ async def _connect(url: str) -> None:
         await engine.dispose()
 
 
-def _database_reason(exc: OSError | DBAPIError) -> str:
+def _database_reason(exc: Exception) -> str:
+    from sqlalchemy.exc import DBAPIError
+
     if isinstance(exc, TimeoutError):
         return f"no answer within {DATABASE_CONNECT_TIMEOUT_SECONDS:g}s"
     if isinstance(exc, OSError):
         return _os_reason(exc)
+    if not isinstance(exc, DBAPIError):  # the driver refused a connection setting
+        return f"{type(exc).__name__}: {str(exc).partition(chr(10))[0]}"
     # SQLAlchemy wraps the adapter's error, which wraps the driver's: say what the driver said.
     driver_error: BaseException = exc
     if exc.orig is not None:

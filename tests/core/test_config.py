@@ -132,3 +132,39 @@ def test_auth_allow_registration_overrides_the_default(
     monkeypatch: pytest.MonkeyPatch, env: dict[str, str], expected: bool
 ) -> None:
     assert settings_from(monkeypatch, **env).registration_open is expected
+
+
+@pytest.mark.parametrize(
+    ("given", "resolved"),
+    [
+        (
+            "postgresql://u:p@db.example.com:5432/app?sslmode=require",
+            "postgresql+asyncpg://u:p@db.example.com:5432/app?ssl=require",
+        ),
+        (
+            "postgres://u@db/app?sslmode=verify-full&connect_timeout=5",
+            "postgresql+asyncpg://u@db/app?ssl=verify-full&timeout=5",
+        ),
+        ("postgresql+asyncpg://u@db/app?ssl=disable", "postgresql+asyncpg://u@db/app?ssl=disable"),
+    ],
+)
+def test_hosted_postgresql_urls_are_taken_as_given(
+    monkeypatch: pytest.MonkeyPatch, given: str, resolved: str
+) -> None:
+    settings = settings_from(monkeypatch, DATABASE_URL=given)
+    assert settings.resolved_database_url == resolved
+
+
+def test_a_libpq_parameter_asyncpg_cannot_take_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    message = config_error(
+        monkeypatch, DATABASE_URL="postgresql://u:secret@db/app?application_name=aihub"
+    )
+    assert "DATABASE_URL" in message
+    assert "'application_name' is not supported" in message
+    assert "secret" not in message
+
+
+def test_a_database_url_that_is_not_one_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert "DATABASE_URL: not a valid database URL" in config_error(
+        monkeypatch, DATABASE_URL="notaurl"
+    )

@@ -25,6 +25,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 if TYPE_CHECKING:
     from aihub.storage.gcs import ServiceAccount
@@ -249,6 +250,11 @@ class Settings(BaseSettings):
             RateLimit.parse(value)
         return value
 
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level_in_capitals(cls, value: object) -> object:
+        return value.strip().upper() if isinstance(value, str) else value
+
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: str | None) -> str | None:
@@ -288,6 +294,9 @@ class Settings(BaseSettings):
         "s3_session_token",
         "s3_force_path_style",
         "chat_summary_model",
+        "chat_system_prompt_file",
+        "challenges_temperature",
+        "auth_allow_registration",
         mode="before",
     )
     @classmethod
@@ -321,11 +330,13 @@ class Settings(BaseSettings):
             return None
         try:
             make_url(value)
-        except ValueError:  # never echo the URL: it may hold a password
+        except (ValueError, ArgumentError):  # never echo the URL: it may hold a password
             raise ValueError("not a valid database URL") from None
         for prefix in ("postgres://", "postgresql://", "postgresql+psycopg2://"):
             if value.startswith(prefix):
-                return "postgresql+asyncpg://" + value.removeprefix(prefix)
+                value = "postgresql+asyncpg://" + value.removeprefix(prefix)
+        if value.startswith("postgresql+asyncpg://"):
+            return _asyncpg_query(value)
         if value.startswith("sqlite:///"):
             return "sqlite+aiosqlite:///" + value.removeprefix("sqlite:///")
         if not value.startswith(("postgresql+asyncpg://", "sqlite+aiosqlite://")):
@@ -477,6 +488,29 @@ class Settings(BaseSettings):
         if self.auth_allow_registration is None:
             return self.is_embedded
         return self.auth_allow_registration
+
+
+_LIBPQ_TO_ASYNCPG = {"sslmode": "ssl", "connect_timeout": "timeout"}
+"""The query parameters hosted PostgreSQL services put in their URLs, as asyncpg names them
+(it takes libpq's `sslmode` values as `ssl`)."""
+_ASYNCPG_PARAMETERS = frozenset(
+    {"ssl", "timeout", "command_timeout", "statement_cache_size", "prepared_statement_cache_size"}
+)
+
+
+def _asyncpg_query(value: str) -> str:
+    """`value` with its libpq query parameters renamed for asyncpg; a ValueError naming any
+    parameter asyncpg cannot take (rather than a TypeError from the driver at start-up)."""
+    url = make_url(value)
+    query = {_LIBPQ_TO_ASYNCPG.get(name, name): given for name, given in url.query.items()}
+    if unknown := sorted(set(query) - _ASYNCPG_PARAMETERS):
+        raise ValueError(
+            f"the query parameter {unknown[0]!r} is not supported"
+            f" (supported: sslmode or ssl, connect_timeout or timeout, command_timeout)"
+        )
+    if query == dict(url.query):
+        return value
+    return url.set(query=query).render_as_string(hide_password=False)
 
 
 def _is_absolute_http_url(value: str) -> bool:

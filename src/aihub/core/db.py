@@ -23,7 +23,7 @@ import sqlalchemy
 from fastapi import Depends, Request
 from sqlalchemy import DateTime, MetaData, event, inspect, text
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -105,13 +105,21 @@ def create_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Async
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         event.listen(engine.sync_engine, "invalidate", _sqlite_rollback_before_close)
         return engine
+    # asyncpg wants its timeouts as numbers; a URL's query carries strings.
+    parsed = make_url(url)
+    timeouts = {
+        name: float(given)
+        for name in ("timeout", "command_timeout")
+        if isinstance(given := parsed.query.get(name), str)
+    }
     return create_async_engine(
-        url,
+        parsed.difference_update_query(timeouts),
         echo=echo,
         hide_parameters=True,
         pool_pre_ping=True,
         pool_size=pool_size,
         max_overflow=pool_size * 2,
+        connect_args=timeouts,
     )
 
 
