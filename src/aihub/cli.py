@@ -203,6 +203,13 @@ def serve(
 
         load_signing_key(settings)
         options = {"workers": workers, "factory": True}
+        if settings.resolved_database_url.startswith("sqlite"):
+            logging.getLogger("aihub").warning(
+                "%d workers on SQLite: an image job's stream served by one worker learns of "
+                "another's progress only every IMAGES_POLL_SECONDS; use PostgreSQL to run "
+                "several workers",
+                workers,
+            )
     uvicorn.run(
         "aihub.main:create_app_from_environment"
         if workers > 1
@@ -213,7 +220,7 @@ def serve(
         log_config=None,
         access_log=False,
         proxy_headers=False,
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=settings.shutdown_grace_seconds,
     )
 
 

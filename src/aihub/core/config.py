@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] = "json"
     sse_keepalive_seconds: float = Field(default=15.0, gt=0)
+    shutdown_grace_seconds: int = Field(default=7, ge=0, le=3600)
+    """How long a stopping server lets requests finish before it ends them (and stores what
+    they produced, ~1-3 s more): under `docker stop`'s 10 s, or the orchestrator's own."""
     metrics_token: SecretStr | None = None
     """When set, `GET /metrics` wants `Authorization: Bearer <token>`."""
 
