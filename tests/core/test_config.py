@@ -168,3 +168,11 @@ def test_a_database_url_that_is_not_one_is_one_line(monkeypatch: pytest.MonkeyPa
     assert "DATABASE_URL: not a valid database URL" in config_error(
         monkeypatch, DATABASE_URL="notaurl"
     )
+
+
+@pytest.mark.parametrize("origin", ["localhost:3000", "http://localhost:3000/app", "example.com"])
+def test_a_cors_origin_without_its_scheme_is_refused(
+    monkeypatch: pytest.MonkeyPatch, origin: str
+) -> None:
+    message = config_error(monkeypatch, CORS_ORIGINS=f"http://localhost:5173,{origin}")
+    assert f"{origin!r} is not an origin like http://localhost:3000" in message

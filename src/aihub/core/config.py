@@ -369,6 +369,12 @@ class Settings(BaseSettings):
     def _cors_without_wildcard(self) -> Settings:
         if "*" in self.cors_origins:
             raise ValueError("CORS_ORIGINS may not contain '*': aihub sends credentials")
+        for origin in self.cors_origins:
+            # A browser's Origin always has its scheme: `localhost:3000` could never match.
+            if not _is_absolute_http_url(origin) or urlsplit(origin).path:
+                raise ValueError(
+                    f"CORS_ORIGINS: {origin!r} is not an origin like http://localhost:3000"
+                )
         return self
 
     @model_validator(mode="after")
