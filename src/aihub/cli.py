@@ -15,14 +15,11 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 
 from aihub.core.config import ConfigError, Settings, load_settings
-
-if TYPE_CHECKING:
-    pass
 
 app = typer.Typer(help="aihub: five AI products behind one backend.", no_args_is_help=True)
 users_app = typer.Typer(help="Manage local accounts.", no_args_is_help=True)

@@ -37,7 +37,7 @@ from sqlalchemy.sql.dml import ReturningInsert
 from sqlalchemy.types import TypeDecorator
 from sqlalchemy.util.concurrency import in_greenlet
 
-from aihub.core.errors import ServiceUnavailable
+from aihub.core.errors import DatabaseUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -155,10 +155,6 @@ async def ping(sessions: async_sessionmaker[AsyncSession]) -> None:
             await session.execute(text("SELECT 1"))
     except (SQLAlchemyError, OSError, TimeoutError) as exc:
         raise DatabaseUnavailable(f"The database does not answer ({type(exc).__name__})") from exc
-
-
-class DatabaseUnavailable(ServiceUnavailable):
-    code = "database_unavailable"
 
 
 def create_sessionmaker(engine: AsyncEngine | Engine) -> AppSessions:

@@ -82,6 +82,11 @@ class ServiceUnavailable(AppError):
     default_message = "Service temporarily unavailable"
 
 
+class DatabaseUnavailable(ServiceUnavailable):
+    code = "database_unavailable"
+    default_message = "The database is unavailable; try again shortly"
+
+
 class ErrorRead(BaseModel):
     """Every error aihub answers (the ideas stream's default format aside)."""
 
@@ -259,15 +264,14 @@ class UnexpectedErrorMiddleware:
                 # Not a bug here: the database is down or refusing connections (as
                 # `GET /api/ready` says). A 503 tells clients and load balancers to come back.
                 logger.error("the database is unreachable: %s", type(exc).__name__)
-                status, code, message = 503, "database_unavailable", DATABASE_UNREACHABLE
-                response = _render(request, status, code, message, {"Retry-After": "5"})
+                unavailable = DatabaseUnavailable(headers={"Retry-After": "5"})
+                response = _render(
+                    request, 503, unavailable.code, unavailable.message, unavailable.headers
+                )
             else:
                 logger.exception("unhandled error", exc_info=exc)
                 response = _render(request, 500, AppError.code, AppError.default_message)
             await response(scope, receive, send)
-
-
-DATABASE_UNREACHABLE = "The database is unavailable; try again shortly"
 
 
 def database_unreachable(exc: BaseException) -> bool:

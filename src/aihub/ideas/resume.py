@@ -71,13 +71,16 @@ class LiveIdea:
         line breaks normalised)."""
         self.resumed.set()
         self._followers += 1
+        taken, length = 0, 0  # the parts read so far, and their length as the client counts it
         try:
             while True:
                 grown = self._grown
-                text = "".join(measure(part) for part in self.parts)
-                if len(text) > position:
-                    yield StreamEvent.delta(text[position:], id=f"{self.id}:{len(text)}")
-                    position = len(text)
+                new = "".join(measure(part) for part in self.parts[taken:])
+                taken, length = len(self.parts), length + len(new)
+                if length > position:
+                    fresh = new[max(position - (length - len(new)), 0) :]
+                    yield StreamEvent.delta(fresh, id=f"{self.id}:{length}")
+                    position = length
                 if self.ended:
                     for event in self.ending:
                         yield event

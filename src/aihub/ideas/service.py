@@ -137,28 +137,9 @@ async def _idea_events(
     live: LiveIdea,
     live_ideas: LiveIdeas,
 ) -> AsyncIterator[StreamEvent]:
+    """The idea's events, stored when they end however they end; `live` (in `live_ideas` while
+    the idea is written) lets a client that comes back follow it."""
     live_ideas.add(live)
-    try:
-        async for event in _written(sessions, opened, idea, started=started, live=live):
-            yield event
-    finally:
-        if not live.ended:  # stopped: whoever follows it learns so
-            live.end([StreamEvent.error("client_disconnected", CUT_SHORT)])
-        live_ideas.remove(live)
-
-
-CUT_SHORT = "The idea was cut short: its page was away for too long. Ask for a new one."
-NOT_STORED = "The idea could not be stored, so it is not in your history; please try again later"
-
-
-async def _written(
-    sessions: AppSessions,
-    opened: OpenedStream,
-    idea: Idea,
-    *,
-    started: float,
-    live: LiveIdea,
-) -> AsyncIterator[StreamEvent]:
     draft = _Draft(parts=live.parts)
     failure: ProviderError | None = None
     finished = saved = False
@@ -203,14 +184,17 @@ async def _written(
             await saving
             saved = True
             raise
-        except Exception:
-            saved = True  # it cannot be: say so, rather than end as if it were
+        except Exception:  # it cannot be stored: say so, rather than end as if it were
+            saved = True
             logger.exception("could not store an idea", extra={"idea_id": str(idea.id)})
-            unsaved = StreamEvent.error("not_stored", NOT_STORED, partial=bool(draft.parts))
-            live.end([unsaved])
-            yield unsaved
-            return
-        saved = True
+            ending = [StreamEvent.error("not_stored", NOT_STORED, partial=bool(draft.parts))]
+        else:
+            saved = True
+            ending = _ending(idea, failure, usage)
+        live.end(ending)
+        for last in ending:
+            if last is not usage:  # this client has it already
+                yield last
     except BaseException as exc:
         if not saved:
             # Keep what was produced: the client went away (the stream was cancelled or closed),
@@ -222,17 +206,24 @@ async def _written(
                     sessions, idea, draft, error=error, started=started, failed=opened.failed
                 )
         raise
-    if failure is not None:
-        # With no text there is no idea to point to (`_save` stores none).
-        partial = bool("".join(draft.parts).strip())
-        stored = {"idea_id": str(idea.id)} if partial else {}
-        failed = StreamEvent.error(failure.code, failure.message, **stored, partial=partial)
-        live.end([failed])
-        yield failed
-        return
-    done = StreamEvent("done", _done(idea))
-    live.end([usage, done])
-    yield done
+    finally:
+        if not live.ended:  # stopped: whoever follows it learns so
+            live.end([StreamEvent.error("client_disconnected", CUT_SHORT)])
+        live_ideas.remove(live)
+
+
+CUT_SHORT = "The idea was cut short: its page was away for too long. Ask for a new one."
+NOT_STORED = "The idea could not be stored, so it is not in your history; please try again later"
+
+
+def _ending(idea: Idea, failure: ProviderError | None, usage: StreamEvent) -> list[StreamEvent]:
+    """The events after a stored idea's text: `usage` and `done`, or the failure's `error`."""
+    if failure is None:
+        return [usage, StreamEvent("done", _done(idea))]
+    # With no text there is no idea to point to (`_save` stores none).
+    partial = bool(idea.content.strip())
+    stored = {"idea_id": str(idea.id)} if partial else {}
+    return [StreamEvent.error(failure.code, failure.message, **stored, partial=partial)]
 
 
 @dataclass
