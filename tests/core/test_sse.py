@@ -343,9 +343,9 @@ async def test_a_lingering_stream_waits_for_its_client_to_come_back(comes_back: 
         for text in ["a", "b", "c", "d"]:
             produced.append(text)
             yield StreamEvent.delta(text)
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.2)  # "b" at 0.2 s, "c" at 0.4 s
 
-    linger = Linger(0.15, asyncio.Event())
+    linger = Linger(0.25, asyncio.Event())  # the client leaves at 0.05 s: stopped at 0.3 s
     client = _Client()
     responding = asyncio.create_task(
         _respond(stream_response(events(), TextEncoder(), product="test", linger=linger), client)
