@@ -22,6 +22,7 @@ import itertools
 import re
 import time
 import uuid
+import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -214,6 +215,12 @@ class FakeOpenAI:
         """Texts for the next requests, one each, in order; then `text` again."""
         self.set_cookie: str | None = None
         """A `Set-Cookie` for every streamed answer (as Cloudflare in front of OpenAI sends)."""
+        self.gzip = False
+        """Compress streamed answers (`Content-Encoding: gzip`, flushed at every event), as a
+        proxy in front of an OpenAI-compatible server may."""
+        self.unterminated = False
+        """End streamed answers with their last line unterminated and no `[DONE]`, as some
+        OpenAI-compatible servers do."""
 
     @property
     def text(self) -> str:
@@ -274,10 +281,16 @@ class FakeOpenAI:
             return JSONResponse(self._completion(model, tokens))
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         chunks = self._chunks(model, tokens, include_usage=include_usage)
+        if self.unterminated:
+            chunks = _unterminated(chunks)
+        if self.gzip:
+            chunks = _gzipped(chunks)
         drop = self.fail_after is not None and self.fail_mode == "drop"
         stream = TrackedStream(chunks, stats=self.stats, drop=drop)
         if self.set_cookie is not None:
             stream.raw_headers.append((b"set-cookie", self.set_cookie.encode()))
+        if self.gzip:
+            stream.raw_headers.append((b"content-encoding", b"gzip"))
         return stream
 
     def _usage(self, streamed: int) -> dict[str, int]:
@@ -351,6 +364,27 @@ class _ChunkTemplate:
 
 def _sse(payload: Any) -> bytes:
     return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+async def _unterminated(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The stream without its `[DONE]`, its last line without its line break."""
+    last = None
+    async for chunk in chunks:
+        if chunk == b"data: [DONE]\n\n":
+            break
+        if last is not None:
+            yield last
+        last = chunk
+    if last is not None:
+        yield last.rstrip(b"\n")
+
+
+async def _gzipped(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """One gzip stream, flushed after every chunk so that each arrives as it is produced."""
+    compressor = zlib.compressobj(wbits=31)
+    async for chunk in chunks:
+        yield compressor.compress(chunk) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    yield compressor.flush()
 
 
 _ERROR_TYPES = {

@@ -65,6 +65,27 @@ async def test_streams_the_text_exactly(provider: OpenAIProvider, fake_openai: F
     assert all(delta.text for delta in deltas)
 
 
+async def test_a_compressed_stream_is_read_through_its_decoder(
+    provider: OpenAIProvider, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.gzip = True
+    events = await collect(provider)
+    assert text_of(events) == fake_openai.text
+    assert isinstance(events[-1], Finish)
+    assert any(isinstance(event, Usage) for event in events)
+
+
+async def test_a_last_line_without_its_line_break_is_read(
+    provider: OpenAIProvider, fake_openai: FakeOpenAI
+) -> None:
+    """Some OpenAI-compatible servers end with the usage line unterminated and no `[DONE]`."""
+    fake_openai.unterminated = True
+    events = await collect(provider)
+    assert text_of(events) == fake_openai.text
+    assert Usage(input_tokens=17, output_tokens=len(fake_openai.tokens)) in events
+    assert isinstance(events[-1], Finish)
+
+
 async def test_the_request_is_accepted_before_a_slow_first_token(
     provider: OpenAIProvider, fake_openai: FakeOpenAI
 ) -> None:

@@ -6,15 +6,47 @@ The transport is the one the openai SDK ships for its `DefaultAioHttpClient`. ht
 Gemini reply, and ~1 ms more time to first token (`bench/stream_overhead.py --product chats`).
 Through httpx2's API the adapters keep what they rely on: response hooks, and a timeout that
 bounds each read rather than the whole stream.
+
+A response carries its aiohttp body under `extensions["aiohttp_body"]` (an `aiohttp.StreamReader`,
+the way httpcore gives its `network_stream`): a stream read as it arrives (OpenAI's server-sent
+events) can take each network read straight from aiohttp's buffer, without the four async
+iterators that httpx2 and the transport put around every chunk (`body_reader`).
 """
 
 from __future__ import annotations
 
 import ssl
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 import httpx2
-from openai._vendor.httpx_aiohttp import AiohttpTransport
+from openai._vendor.httpx_aiohttp import transport as httpx_aiohttp
+
+BODY = "aiohttp_body"
+"""The response extension that holds the body's `aiohttp.StreamReader`."""
+
+
+class AiohttpTransport(httpx_aiohttp.AiohttpTransport):
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        response = await super().handle_async_request(request)
+        if isinstance(response.stream, httpx_aiohttp.AiohttpResponseStream):
+            response.extensions[BODY] = response.stream._aiohttp_response.content
+        return response
+
+
+def body_reader(response: httpx2.Response) -> Callable[[], Awaitable[bytes]]:
+    """A function giving the body's next bytes as they arrive, `b""` at its end: each network
+    read as aiohttp buffered it, when the body is not encoded (else through httpx2's decoder)."""
+    encoding = response.headers.get("content-encoding", "identity").strip().lower()
+    body: aiohttp.StreamReader | None = response.extensions.get(BODY)
+    if body is not None and encoding == "identity":
+        return body.readany
+    chunks = response.aiter_bytes()
+
+    async def read() -> bytes:
+        return await anext(chunks, b"")
+
+    return read
 
 
 def aiohttp_transport(limits: httpx2.Limits, ssl_context: ssl.SSLContext) -> AiohttpTransport:

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import base64
 import re
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import aiohttp
@@ -38,7 +37,7 @@ from aihub.providers.base import (
     error_for_status,
     parse_retry_after,
 )
-from aihub.providers.http import aiohttp_transport
+from aihub.providers.http import aiohttp_transport, body_reader
 
 
 def _http_client() -> httpx2.AsyncClient:
@@ -160,15 +159,24 @@ class OpenAIProvider(TextProvider):
             async with stream:
                 yield Accepted()  # the status was a success: the output may still be far off
                 reader = _ChunkReader()
-                async with aclosing(_sse_batches(_body(stream.response))) as batches:
-                    async for batch in batches:
-                        events, error = reader.feed_batch(batch, provider=self)
-                        for event in events:
-                            yield event
-                        if error is not None:
-                            raise error  # after the text that came before it
-                        if reader.done:
-                            break
+                read = body_reader(stream.response)
+                # Server-sent events, read inline (every async iterator between the network
+                # and here costs every chunk of every stream): the `data:` payloads of each
+                # network read that completed at least one line, as one batch.
+                buffer = b""
+                while (chunk := await read()) or buffer:
+                    # At the end, a last line without its newline is a line all the same.
+                    *lines, buffer = (buffer + (chunk or b"\n")).split(b"\n")
+                    payloads = [line[5:].strip() for line in lines if line.startswith(b"data:")]
+                    if not payloads:
+                        continue
+                    events, error = reader.feed_batch(payloads, provider=self)
+                    for event in events:
+                        yield event
+                    if error is not None:
+                        raise error  # after the text that came before it
+                    if reader.done:
+                        break
                 yield reader.finish(provider=self)
         except openai.APIStatusError as exc:
             raise self._status_error(exc) from exc
@@ -210,6 +218,9 @@ class _ChunkReader:
     def __init__(self) -> None:
         self.finish_reason: str | None = None
         self.done = False
+        self._events: list[TextEvent] = []
+        self._text: list[str] = []
+        """Text not yet in `_events`: consecutive text becomes one delta."""
 
     def feed_batch(
         self, payloads: list[bytes], *, provider: OpenAIProvider
@@ -217,31 +228,26 @@ class _ChunkReader:
         """The events of the payloads that arrived together, consecutive text joined into one
         delta (under load one network read holds many tokens, and every event costs a trip
         through the stream and a write to the client), and the error that ended them, if any."""
-        events: list[TextEvent] = []
-        text: list[str] = []
         error: ProviderError | None = None
         for payload in payloads:
             if payload == b"[DONE]":
                 self.done = True
                 break
             try:
-                fed = self.feed(payload, provider=provider)
+                self._feed(payload, provider=provider)
             except ProviderError as exc:
                 error = exc
                 break
-            for event in fed:
-                if isinstance(event, TextDelta):
-                    text.append(event.text)
-                    continue
-                if text:
-                    events.append(TextDelta("".join(text)))
-                    text = []
-                events.append(event)
-        if text:
-            events.append(TextDelta("".join(text)))
+        self._end_text()
+        events, self._events = self._events, []
         return events, error
 
-    def feed(self, payload: bytes, *, provider: OpenAIProvider) -> list[TextEvent]:
+    def _end_text(self) -> None:
+        if self._text:
+            self._events.append(TextDelta("".join(self._text)))
+            self._text = []
+
+    def _feed(self, payload: bytes, *, provider: OpenAIProvider) -> None:
         try:
             chunk = orjson.loads(payload)
         except orjson.JSONDecodeError as exc:
@@ -249,22 +255,20 @@ class _ChunkReader:
                 "OpenAI sent a malformed stream event", provider=provider.name
             ) from exc
         if not isinstance(chunk, dict):
-            return []
+            return
         if error := chunk.get("error"):
             raise _stream_error(error, provider=provider)
-        events: list[TextEvent] = []
         for choice in chunk.get("choices") or ():
             if choice.get("index", 0) != 0:
                 continue
-            content = (choice.get("delta") or {}).get("content")
-            if content:
-                events.append(TextDelta(content))
+            if (delta := choice.get("delta")) and (content := delta.get("content")):
+                self._text.append(content)
             if reason := choice.get("finish_reason"):
                 self.finish_reason = reason
         if usage := chunk.get("usage"):
             prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-            events.append(Usage(input_tokens=prompt or 0, output_tokens=completion or 0))
-        return events
+            self._end_text()
+            self._events.append(Usage(input_tokens=prompt or 0, output_tokens=completion or 0))
 
     def finish(self, *, provider: OpenAIProvider) -> Finish:
         if self.finish_reason is None:
@@ -277,26 +281,6 @@ def _stream_error(error: Any, *, provider: OpenAIProvider) -> ProviderError:
     message = error.get("message") if isinstance(error, dict) else None
     detail = message if isinstance(message, str) else "no detail"
     return provider._failure("OpenAI failed mid-stream", detail, ProviderUnavailable)
-
-
-def _body(response: httpx2.Response) -> AsyncIterator[bytes]:
-    """The body's bytes; without a content encoding, the raw bytes (no decoder layers)."""
-    encoding = response.headers.get("content-encoding", "identity").strip().lower()
-    return response.aiter_raw() if encoding == "identity" else response.aiter_bytes()
-
-
-async def _sse_batches(chunks: AsyncIterator[bytes]) -> AsyncGenerator[list[bytes], None]:
-    """The payloads of the `data:` lines of a server-sent event stream, a list for each network
-    read that completed at least one."""
-    buffer = b""
-    async for chunk in chunks:
-        buffer += chunk
-        *lines, buffer = buffer.split(b"\n")
-        payloads = [line[5:].strip() for line in lines if line.startswith(b"data:")]
-        if payloads:
-            yield payloads
-    if buffer.startswith(b"data:"):
-        yield [buffer[5:].strip()]
 
 
 def _create_params(request: TextRequest, *, model: str) -> dict[str, Any]:
