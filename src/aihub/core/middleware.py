@@ -25,6 +25,11 @@ RESPONSE_STARTED = "aihub.response_started"
 """Scope key set once the response has started: inner layers read it instead of wrapping
 `send` themselves (every wrapper costs every chunk of every stream)."""
 
+SEND_BODY = "aihub.send_body"
+"""Scope key: the `send` that `RequestContextMiddleware` was given. The layers inside it (request
+ids, CORS, the error handlers) look at a response's start only, so a stream that has started
+sends its chunks here, past them: each layer's wrapper cost every chunk of every stream."""
+
 
 class InFlight:
     """The requests being served. A server that stops cancels the ones that outlive its
@@ -62,6 +67,7 @@ class RequestContextMiddleware:
             self.in_flight.add(task)
         request_id = _incoming_request_id(scope) or secrets.token_hex(8)
         token = request_id_var.set(request_id)
+        scope[SEND_BODY] = send
         started = time.perf_counter()
         status = 500
 

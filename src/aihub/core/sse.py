@@ -24,7 +24,6 @@ import logging
 import re
 import time
 from collections.abc import (
-    AsyncGenerator,
     AsyncIterable,
     Awaitable,
     Callable,
@@ -35,11 +34,12 @@ from typing import Any, Literal, Protocol, TypeVar, get_args
 
 import orjson
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from aihub.core import metrics
 from aihub.core.errors import AppError
+from aihub.core.middleware import SEND_BODY
 
 T = TypeVar("T")
 
@@ -50,8 +50,11 @@ STREAM_HEADERS = {"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering"
 EventKind = Literal["delta", "progress", "usage", "done", "error", "meta"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StreamEvent:
+    """Not frozen (nothing changes one): one is built for every chunk of every stream, and a
+    frozen dataclass costs three times as much to build."""
+
     kind: EventKind
     data: Any = None
     """`str` for a delta; a JSON-able dict for every other kind."""
@@ -135,7 +138,10 @@ class MarkdownEventEncoder:
 
     def encode(self, event: StreamEvent) -> bytes:
         if event.kind == "delta":
-            return self._frame(str(event.data))
+            text = str(event.data)
+            if self._started and "\n" not in text and "\r" not in text and "\n" not in self._held:
+                return self._within_line(text)
+            return self._frame(text)
         if event.kind == "usage":
             return self._frame("", hold=False)  # the text is complete
         if event.kind == "done":
@@ -150,6 +156,21 @@ class MarkdownEventEncoder:
 
     def keepalive(self) -> bytes | None:
         return b": keep-alive\n\n"
+
+    def _within_line(self, text: str) -> bytes:
+        """`_frame` for the usual delta: text within one line, after text already sent (what
+        is held has no line break either). One data line: the held character and all of the
+        text but its last character, which is held in turn."""
+        if len(self._line) < _LINE_HEAD:
+            self._line = (self._line + text)[:_LINE_HEAD]
+        self._seen += len(text)
+        pending = self._held + text
+        self._held = pending[-1:]
+        if len(pending) < 2:
+            return b""
+        if self.ids is None:
+            return f"data: {pending[:-1]}\n\n".encode()
+        return f"data: {pending[:-1]}\nid: {self.ids}:{self._seen - 1}\n\n".encode()
 
     def _frame(self, text: str, *, hold: bool = True, event: str | None = None) -> bytes:
         text = _normalise(text)
@@ -387,58 +408,60 @@ def stream_response(
     With `linger`, a client that leaves stops the producer only if no other request resumes
     the stream within `linger.seconds`; once one has, the producer runs to its end.
     """
-    body = _encoded(events, encoder, product, provider, started_at or time.perf_counter())
-
-    def farewell() -> bytes:
-        return encoder.encode(StreamEvent.error("interrupted", INTERRUPTED))
-
-    def broke() -> bytes:
-        return encoder.encode(StreamEvent.error("internal_error", BROKE))
-
     return EventStream(
-        body,
-        media_type=encoder.media_type,
+        events,
+        encoder,
         headers={**STREAM_HEADERS, **(headers or {})},
-        keepalive=encoder.keepalive(),
+        product=product,
+        provider=provider or "unknown",
+        started_at=started_at or time.perf_counter(),
         keepalive_seconds=keepalive_seconds,
-        farewell=farewell if say_interrupted else None,
-        broke=broke,
+        say_interrupted=say_interrupted,
         linger=linger,
     )
 
 
-class EventStream(StreamingResponse):
-    """A stream of encoded chunks, each sent the moment it is ready.
+class EventStream(Response):
+    """A stream of events, each encoded and sent the moment it is ready.
+
+    The events are sent from a task of their own. A task resumes its whole chain of awaits for
+    every chunk it waits for, and a request's task runs through every middleware and routing
+    layer (~20 frames) before it reaches the response: a task that starts here waits in a
+    chain of a few frames, at a fraction of the cost per chunk (`bench/stream_overhead.py`).
 
     One watcher task per stream listens for the client's disconnect (which cancels the producer
-    at its current `await`, closing the upstream request) and sends `keepalive` after
-    `keepalive_seconds` without a chunk. Nothing else runs per stream: a generic SSE response
-    (sse-starlette's) spawned four tasks per stream and wrapped every send, which at a few hundred
-    concurrent streams cost milliseconds of every stream's first token
-    (`bench/stream_overhead.py`).
+    at its current `await`, closing the upstream request) and sends the encoder's keep-alive
+    after `keepalive_seconds` without a chunk. A generic SSE response (sse-starlette's) spawned
+    four tasks per stream and wrapped every send, which at a few hundred concurrent streams cost
+    milliseconds of every stream's first token.
     """
 
     def __init__(
         self,
-        body: AsyncGenerator[bytes, None],
+        events: AsyncIterable[StreamEvent],
+        encoder: Encoder,
         *,
-        media_type: str,
         headers: Mapping[str, str],
-        keepalive: bytes | None,
+        product: str,
+        provider: str,
+        started_at: float,
         keepalive_seconds: float,
-        farewell: Callable[[], bytes] | None = None,
-        broke: Callable[[], bytes] | None = None,
+        say_interrupted: bool = True,
         linger: Linger | None = None,
     ) -> None:
-        super().__init__(body, media_type=media_type, headers=headers)
-        self._body = body
+        self.status_code = 200
+        self.media_type = encoder.media_type
+        self.background = None
+        self.init_headers(headers)
+        self._events = events
+        self._encoder = encoder
+        self._product = product
+        self._provider = provider
+        self._started_at = started_at
         self._linger = linger
-        self._broke = broke
-        """What to send before ending a stream whose producer failed after the response began
-        (a bug, or a database that went away): a client must not take it for a whole reply."""
-        self._farewell = farewell
-        """What to send before ending a stream the server stops (not its client); None: just
-        end it."""
+        self._say_interrupted = say_interrupted
+        """Whether a stream the server stops (not its client) says so before it ends."""
+        keepalive = encoder.keepalive()
         self._keepalive = keepalive if keepalive_seconds > 0 else None
         self._keepalive_seconds = keepalive_seconds
         self._last_sent = 0.0
@@ -446,10 +469,18 @@ class EventStream(StreamingResponse):
         self._client_left = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await asyncio.get_running_loop().create_task(
+            self._send_events(receive, send, scope.get(SEND_BODY, send))
+        )
+
+    async def _send_events(self, receive: Receive, send: Send, send_body: Send) -> None:
         task = asyncio.current_task()
         assert task is not None
         loop = asyncio.get_running_loop()
         watcher = loop.create_task(self._watch(receive, send, task))
+        encode = self._encoder.encode
+        gauge = metrics.active_streams.labels(self._product)
+        gauge.inc()
         started = False
         try:
             await send(
@@ -460,9 +491,18 @@ class EventStream(StreamingResponse):
                 }
             )
             started = True
-            async for chunk in self._body:
+            first = True
+            async for event in self._events:
+                chunk = encode(event)
+                if not chunk:
+                    continue
+                if first and event.kind == "delta":
+                    first = False
+                    metrics.time_to_first_token.labels(self._product, self._provider).observe(
+                        time.perf_counter() - self._started_at
+                    )
                 self._last_sent = loop.time()
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send_body({"type": "http.response.body", "body": chunk, "more_body": True})
             self._finished = True
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
@@ -471,7 +511,7 @@ class EventStream(StreamingResponse):
                 # end the reply visibly, then let the task end as if it had finished.
                 if self._finished or not started:
                     raise
-                await self._say_interrupted(send)
+                await self._end_with(send, "interrupted", INTERRUPTED, say=self._say_interrupted)
             if task.uncancel() == 0:
                 return
             raise
@@ -480,21 +520,23 @@ class EventStream(StreamingResponse):
         except Exception:
             if not started:
                 raise  # the app's error handler answers it
+            # A bug, or a database that went away: the client must not take it for a whole reply.
             logger.exception("a stream failed after its response began")
-            await self._end_with(send, self._broke)
+            await self._end_with(send, "internal_error", BROKE)
         finally:
             self._finished = True
+            gauge.dec()
             watcher.cancel()
-            await self._body.aclose()
+            aclose = getattr(self._events, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
-    async def _say_interrupted(self, send: Send) -> None:
-        await self._end_with(send, self._farewell)
-
-    async def _end_with(self, send: Send, last: Callable[[], bytes] | None) -> None:
+    async def _end_with(self, send: Send, code: str, message: str, *, say: bool = True) -> None:
         self._finished = True
         try:
-            if last is not None:
-                await send({"type": "http.response.body", "body": last(), "more_body": True})
+            if say:
+                last = self._encoder.encode(StreamEvent.error(code, message))
+                await send({"type": "http.response.body", "body": last, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:
             pass  # the client is gone too
@@ -538,31 +580,3 @@ class EventStream(StreamingResponse):
             async with asyncio.timeout(self._linger.seconds):
                 await self._linger.resumed.wait()
         return self._linger.resumed.is_set() or self._finished
-
-
-async def _encoded(
-    events: AsyncIterable[StreamEvent],
-    encoder: Encoder,
-    product: str,
-    provider: str | None,
-    started_at: float,
-) -> AsyncGenerator[bytes, None]:
-    gauge = metrics.active_streams.labels(product)
-    gauge.inc()
-    first = True
-    try:
-        async for event in events:
-            chunk = encoder.encode(event)
-            if not chunk:
-                continue
-            if first and event.kind == "delta":
-                first = False
-                metrics.time_to_first_token.labels(product, provider or "unknown").observe(
-                    time.perf_counter() - started_at
-                )
-            yield chunk
-    finally:
-        gauge.dec()
-        aclose = getattr(events, "aclose", None)
-        if aclose is not None:
-            await aclose()

@@ -148,10 +148,11 @@ async def _idea_events(
         try:
             async for event in opened:
                 if isinstance(event, TextDelta):
-                    draft.parts.append(event.text)
+                    text = event.text
+                    draft.parts.append(text)
                     live.grew()
-                    written += len(event.text)
-                    yield StreamEvent.delta(event.text, id=f"{ids}{written}")
+                    written += len(text)
+                    yield StreamEvent("delta", text, f"{ids}{written}")
                 elif isinstance(event, Usage):
                     draft.usage = event
                 elif isinstance(event, Finish):
