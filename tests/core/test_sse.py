@@ -323,6 +323,34 @@ async def test_a_client_that_leaves_stops_the_producer_and_its_cleanup_runs() ->
     assert not any(m.get("more_body") is False for m in client.sent)
 
 
+async def test_a_client_that_leaves_as_the_first_delta_goes_out_ends_the_stream_quietly() -> None:
+    """The first delta goes out from the request's task and the rest from a task of its own: a
+    client that leaves in between stops the producer all the same, and the request ends as if
+    the stream had (not with the cancelled task's error)."""
+    cleaned_up = asyncio.Event()
+
+    async def events() -> AsyncIterator[StreamEvent]:
+        try:
+            yield StreamEvent.delta("first")
+            await asyncio.sleep(30)
+            yield StreamEvent.delta("never")
+        finally:
+            cleaned_up.set()
+
+    client = _Client()
+
+    async def send(message: Message) -> None:
+        await client.send(message)
+        if message.get("body"):
+            client.leave()  # gone by the time the rest is to be sent
+
+    response = stream_response(events(), TextEncoder(), product="test")
+    await asyncio.wait_for(response({"type": "http"}, client.receive, send), timeout=2)
+
+    assert cleaned_up.is_set()
+    assert client.body == b"first"
+
+
 async def test_a_producer_that_breaks_mid_stream_ends_the_reply_with_an_error() -> None:
     async def events() -> AsyncIterator[StreamEvent]:
         yield StreamEvent.delta("Half an ans")

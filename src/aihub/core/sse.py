@@ -424,10 +424,13 @@ def stream_response(
 class EventStream(Response):
     """A stream of events, each encoded and sent the moment it is ready.
 
-    The events are sent from a task of their own. A task resumes its whole chain of awaits for
-    every chunk it waits for, and a request's task runs through every middleware and routing
-    layer (~20 frames) before it reaches the response: a task that starts here waits in a
-    chain of a few frames, at a fraction of the cost per chunk (`bench/stream_overhead.py`).
+    The response starts, and its first delta goes out, from the request's own task; the rest
+    from a task of its own. A task resumes its whole chain of awaits for every chunk it waits
+    for, and a request's task runs through every middleware and routing layer (~20 frames)
+    before it reaches the response: a task that starts here waits in a chain of a few frames, at
+    a fraction of the cost per chunk. It starts after the first delta because a new task runs
+    only at the event loop's next turn, and under load a turn is milliseconds of a stream's
+    first token (`bench/stream_overhead.py`).
 
     One watcher task per stream listens for the client's disconnect (which cancels the producer
     at its current `await`, closing the upstream request) and sends the encoder's keep-alive
@@ -453,7 +456,7 @@ class EventStream(Response):
         self.media_type = encoder.media_type
         self.background = None
         self.init_headers(headers)
-        self._events = events
+        self._events = aiter(events)
         self._encoder = encoder
         self._product = product
         self._provider = provider
@@ -465,64 +468,28 @@ class EventStream(Response):
         self._keepalive = keepalive if keepalive_seconds > 0 else None
         self._keepalive_seconds = keepalive_seconds
         self._last_sent = 0.0
+        self._started = False
         self._finished = False
         self._client_left = False
+        self._sender: asyncio.Task[Any] | None = None
+        """The task sending the events: the one a client that leaves cancels."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await asyncio.get_running_loop().create_task(
-            self._send_events(receive, send, scope.get(SEND_BODY, send))
-        )
-
-    async def _send_events(self, receive: Receive, send: Send, send_body: Send) -> None:
-        task = asyncio.current_task()
-        assert task is not None
         loop = asyncio.get_running_loop()
-        watcher = loop.create_task(self._watch(receive, send, task))
-        encode = self._encoder.encode
+        watcher = loop.create_task(self._watch(receive, send))
         gauge = metrics.active_streams.labels(self._product)
         gauge.inc()
-        started = False
+        send_body = scope.get(SEND_BODY, send)
+        self._sender = asyncio.current_task()
         try:
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": self.status_code,
-                    "headers": self.raw_headers,
-                }
-            )
-            started = True
-            first = True
-            async for event in self._events:
-                chunk = encode(event)
-                if not chunk:
-                    continue
-                if first and event.kind == "delta":
-                    first = False
-                    metrics.time_to_first_token.labels(self._product, self._provider).observe(
-                        time.perf_counter() - self._started_at
-                    )
-                self._last_sent = loop.time()
-                await send_body({"type": "http.response.body", "body": chunk, "more_body": True})
-            self._finished = True
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            if await self._send(send, send_body, first_delta_only=True):
+                self._sender = loop.create_task(self._send(send, send_body))
+                await self._sender
         except asyncio.CancelledError:
-            if not self._client_left:
-                # The server is stopping (uvicorn cancels what outlives its graceful timeout):
-                # end the reply visibly, then let the task end as if it had finished.
-                if self._finished or not started:
-                    raise
-                await self._end_with(send, "interrupted", INTERRUPTED, say=self._say_interrupted)
-            if task.uncancel() == 0:
-                return
+            current = asyncio.current_task()
+            if self._client_left and current is not None and not current.cancelling():
+                return  # the client left as the sending task was about to start
             raise
-        except OSError:
-            return  # the client's connection broke mid-send: it has left
-        except Exception:
-            if not started:
-                raise  # the app's error handler answers it
-            # A bug, or a database that went away: the client must not take it for a whole reply.
-            logger.exception("a stream failed after its response began")
-            await self._end_with(send, "internal_error", BROKE)
         finally:
             self._finished = True
             gauge.dec()
@@ -530,6 +497,50 @@ class EventStream(Response):
             aclose = getattr(self._events, "aclose", None)
             if aclose is not None:
                 await aclose()
+
+    async def _send(self, send: Send, send_body: Send, *, first_delta_only: bool = False) -> bool:
+        """Send the events, up to the first delta with `first_delta_only`, else to the end;
+        whether there are more to send."""
+        task = asyncio.current_task()
+        assert task is not None
+        try:
+            if not self._started:
+                start = {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
+                await send(start)
+                self._started = True
+            encode, loop = self._encoder.encode, asyncio.get_running_loop()
+            async for event in self._events:
+                chunk = encode(event)
+                if not chunk:
+                    continue
+                self._last_sent = loop.time()
+                await send_body({"type": "http.response.body", "body": chunk, "more_body": True})
+                if first_delta_only and event.kind == "delta":
+                    metrics.time_to_first_token.labels(self._product, self._provider).observe(
+                        time.perf_counter() - self._started_at
+                    )
+                    return True
+            self._finished = True
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not self._client_left:
+                # The server is stopping (uvicorn cancels what outlives its graceful timeout):
+                # end the reply visibly, then let the task end as if it had finished.
+                if self._finished or not self._started:
+                    raise
+                await self._end_with(send, "interrupted", INTERRUPTED, say=self._say_interrupted)
+            if task.uncancel() == 0:
+                return False
+            raise
+        except OSError:
+            return False  # the client's connection broke mid-send: it has left
+        except Exception:
+            if not self._started:
+                raise  # the app's error handler answers it
+            # A bug, or a database that went away: the client must not take it for a whole reply.
+            logger.exception("a stream failed after its response began")
+            await self._end_with(send, "internal_error", BROKE)
+        return False
 
     async def _end_with(self, send: Send, code: str, message: str, *, say: bool = True) -> None:
         self._finished = True
@@ -541,7 +552,7 @@ class EventStream(Response):
         except OSError:
             pass  # the client is gone too
 
-    async def _watch(self, receive: Receive, send: Send, stream: asyncio.Task[None]) -> None:
+    async def _watch(self, receive: Receive, send: Send) -> None:
         loop = asyncio.get_running_loop()
         self._last_sent = loop.time()
         while True:
@@ -567,8 +578,8 @@ class EventStream(Response):
             if message["type"] == "http.disconnect":
                 if not self._finished:
                     self._client_left = True
-                    if not await self._resumed():
-                        stream.cancel(CLIENT_LEFT)
+                    if not await self._resumed() and self._sender is not None:
+                        self._sender.cancel(CLIENT_LEFT)
                 return
 
     async def _resumed(self) -> bool:

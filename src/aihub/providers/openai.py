@@ -97,7 +97,10 @@ class OpenAIProvider(TextProvider):
         self._client = openai.AsyncOpenAI(
             api_key=api_key,
             base_url=base_url,
-            timeout=timeout,
+            # A `Timeout`, not a number: httpx2 checks a number against the `SupportsFloat`
+            # protocol for every request, and that check cost more than the rest of its
+            # request's set-up.
+            timeout=httpx2.Timeout(timeout),
             max_retries=max_retries,
             http_client=_http_client(),
         )
