@@ -109,6 +109,28 @@ async def test_writes_that_queue_up_on_sqlite_are_committed_together(tmp_path: P
         assert 1 <= len(commits) < 10  # not one transaction each
 
 
+async def test_a_write_waits_for_a_transaction_under_way_and_follows_it(tmp_path: Path) -> None:
+    async with _counter_sessions(tmp_path) as (sessions, _):
+        async with sessions.begin() as session:
+            await session.execute(text("UPDATE counter SET n = n + 5"))
+            writing = asyncio.create_task(sessions.write(_add(1)))
+            await asyncio.sleep(0.05)
+            assert not writing.done()  # SQLite's write lock is the transaction's
+        assert await asyncio.wait_for(writing, timeout=2) == 6
+
+
+async def test_closing_the_sessions_writes_what_is_queued_first(tmp_path: Path) -> None:
+    async with _counter_sessions(tmp_path) as (sessions, _):
+        async with sessions.begin():
+            writing = [asyncio.create_task(sessions.write(_add(1))) for _ in range(3)]
+            await asyncio.sleep(0)
+            closing = asyncio.create_task(sessions.aclose())
+            await asyncio.sleep(0.05)
+            assert not closing.done()
+        await asyncio.wait_for(closing, timeout=2)
+        assert sorted([await w for w in writing]) == [1, 2, 3]
+
+
 async def test_a_failing_write_fails_alone(tmp_path: Path) -> None:
     def clash(connection: Connection) -> None:
         connection.execute(text("INSERT INTO counter VALUES (1, 0)"))  # the key is taken

@@ -8,7 +8,6 @@ of their own before the first byte and after the last.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import uuid
@@ -270,34 +269,51 @@ class _SQLiteSessions(AppSessions):
     reservation queue behind every other stream's writes (seconds of time to first token at 300
     streams), and the trips cost more CPU than the writes. If a batch fails, its jobs are retried
     one transaction each, so a failing job fails alone.
+
+    A batch goes to the thread from the write that finds the writer idle, and its results come
+    back in one callback that settles every write of it and sends the next batch: no task runs
+    in between, because under load each task's turn of the loop costs milliseconds of the
+    write's time (a quota reservation's: of a stream's first token).
     """
 
     def __init__(self, engine: AsyncEngine, **kwargs: Any) -> None:
         super().__init__(engine, **kwargs)
         self._writer = asyncio.Lock()
+        """Held by a `begin()` transaction; batches wait for it to be released."""
         self._queued: list[_Write[Any]] = []
-        self._committer: asyncio.Task[None] | None = None
+        self._writing: list[_Write[Any]] = []
+        """The batch on the writer thread now."""
+        self._idle = asyncio.Event()
+        """Set while no batch is on the writer thread."""
+        self._idle.set()
         self._thread: _WriterThread | None = None
+        self._released: Future[None] | None = None
         self._closed = False
         """After `aclose()`: a late write (a request the server stopped waiting for) is still
         written, and the thread and connection it needed are released after it."""
 
     @asynccontextmanager
     async def begin(self) -> AsyncIterator[AsyncSession]:  # type: ignore[override]
-        async with self._writer, super().begin() as session:
-            yield session
+        try:
+            async with self._writer:
+                await self._idle.wait()  # the batch on the thread holds SQLite's write lock
+                async with super().begin() as session:
+                    yield session
+        finally:
+            self._send_batch()  # what queued up meanwhile
 
     async def write(self, job: Job[T], *, undo: Callable[[T], Job[Any] | None] | None = None) -> T:
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         write = _Write(job, future, undo)
-        self._enqueue(write)
+        self._queued.append(write)
+        self._send_batch()
         # Cancelled while queued, the job is dropped; cancelled once it ran, `undo` runs.
         try:
             return await write.future
         except asyncio.CancelledError:
             if future.done() and not future.cancelled() and future.exception() is None:
                 # The result came in the same turn as the cancellation, which won: this caller
-                # never sees it, so the write is reversed as if it had been cancelled first.
+                # never sees the result, so the write is reversed as if it had been cancelled first.
                 self._reverse(write, future.result())
             raise
 
@@ -309,53 +325,52 @@ class _SQLiteSessions(AppSessions):
     async def aclose(self) -> None:
         await super().aclose()
         self._closed = True
-        if self._committer is not None:
-            self._committer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._committer
+        while self._queued or not self._idle.is_set():
+            async with self._writer:  # after a `begin()` transaction under way
+                pass
+            self._send_batch()
+            await self._idle.wait()
         if (released := self._release()) is not None:
             await asyncio.wrap_future(released)
 
-    def _enqueue(self, write: _Write[Any]) -> None:
-        self._queued.append(write)
-        if self._committer is None or self._committer.done():
-            self._committer = asyncio.get_running_loop().create_task(
-                self._commit_queued(), name="aihub-sqlite-group-commit"
-            )
-
-    async def _commit_queued(self) -> None:
-        batch: list[_Write[Any]] = []
-        try:
-            while self._queued:
-                batch = [write for write in self._queued if not write.future.cancelled()]
-                self._queued = []
-                if batch:
-                    if self._thread is None:
-                        self._thread = _WriterThread(self._engine)
-                    thread = self._thread
-                    jobs = [write.job for write in batch]
-                    async with self._writer:
-                        loop = asyncio.get_running_loop()
-                        outcomes = await loop.run_in_executor(thread.executor, thread.run, jobs)
-                    for write, outcome in zip(batch, outcomes, strict=True):
-                        self._settle(write, outcome)
-                    batch = []
+    def _send_batch(self) -> None:
+        """Send the queued writes to the writer thread, unless a batch or a `begin()`
+        transaction is under way (its end sends them)."""
+        if self._writing or self._writer.locked():
+            return
+        batch = [write for write in self._queued if not write.future.cancelled()]
+        self._queued = []
+        if not batch:
             if self._closed:
                 self._release()
-        finally:
-            # Stopped (the app is shutting down): nobody will run what is left.
-            for write in (*batch, *self._queued):
-                if not write.future.done():
-                    write.future.cancel()
-            self._queued = []
+            return
+        if self._thread is None:
+            self._thread = _WriterThread(self._engine)
+        self._writing = batch
+        self._idle.clear()
+        loop = asyncio.get_running_loop()
+        done = self._thread.executor.submit(self._thread.run, [write.job for write in batch])
+        done.add_done_callback(lambda _: loop.call_soon_threadsafe(self._batch_done, done))
+
+    def _batch_done(self, done: Future[list[_Outcome]]) -> None:
+        batch, self._writing = self._writing, []
+        self._idle.set()
+        try:
+            outcomes = done.result()
+        except BaseException as exc:  # the thread could not run it (its executor shut down)
+            outcomes = [_Outcome(error=RuntimeError(f"not written: {exc!r}"))] * len(batch)
+        for write, outcome in zip(batch, outcomes, strict=True):
+            self._settle(write, outcome)
+        self._send_batch()
 
     def _release(self) -> Future[None] | None:
-        """Let the writer thread close its connection and end, after the job it may be running;
-        None if there is none. A later write starts another."""
-        if self._thread is None:
-            return None
-        thread, self._thread = self._thread, None
-        return thread.close()
+        """Let the writer thread close its connection and end, after the job it may be running:
+        its end (the last thread's, if there is none now; None if there never was one). A later
+        write starts another."""
+        if self._thread is not None:
+            thread, self._thread = self._thread, None
+            self._released = thread.close()
+        return self._released
 
     def _settle(self, write: _Write[Any], outcome: _Outcome) -> None:
         if not write.future.cancelled():
@@ -372,7 +387,8 @@ class _SQLiteSessions(AppSessions):
         if write.undo is not None and (undo := write.undo(result)) is not None:
             reversal: _Write[Any] = _Write(undo, asyncio.get_running_loop().create_future())
             reversal.future.add_done_callback(_log_failure)
-            self._enqueue(reversal)
+            self._queued.append(reversal)
+            self._send_batch()
 
 
 class _WriterThread:
