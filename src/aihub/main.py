@@ -26,7 +26,7 @@ from aihub.core.errors import install_error_handlers
 from aihub.core.middleware import BodySizeLimitMiddleware, InFlight, RequestContextMiddleware
 from aihub.core.notify import create_notifier
 from aihub.core.ratelimit import MemoryRateLimiter, RedisRateLimiter, parse_networks
-from aihub.ideas.resume import LiveIdeas
+from aihub.ideas.dependencies import Ideas
 from aihub.images.worker import ImageWorker, WorkerSettings
 from aihub.providers.routing import ImageChain, ModelChain, ProviderRegistry
 from aihub.storage import create_storage
@@ -206,7 +206,12 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.chat_system_prompt = await asyncio.to_thread(load_system_prompt, settings)
     app.state.chat_summaries = Summaries()
     app.state.chat_replying = Replying()
-    app.state.live_ideas = LiveIdeas()
+    app.state.ideas = Ideas.of(
+        settings,
+        sessions=app.state.sessions,
+        chain=app.state.chains["ideas"],
+        clock=app.state.clock,
+    )
     app.state.image_chain = providers.image_chain(settings.images_model)
     _log_products({**app.state.chains, "images": app.state.image_chain})
     if settings.chat_summary_model:

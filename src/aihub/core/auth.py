@@ -384,9 +384,11 @@ bearer_scheme = HTTPBearer(
 BearerCredentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]
 
 
-async def get_current_user(
-    request: Request, authenticator: AuthenticatorDep, credentials: BearerCredentials
-) -> User:
+async def get_current_user(request: Request, credentials: BearerCredentials) -> User:
+    # The authenticator from the app itself, not as a dependency of its own: every
+    # authenticated request solves this one, and FastAPI's solving of a dependency cost more
+    # than the lookup.
+    authenticator: Authenticator = request.app.state.authenticator
     if credentials is None:
         raise Unauthorized()
     identity = await authenticator.verify(credentials.credentials)
@@ -435,12 +437,10 @@ async def _load_user(session: AsyncSession, identity: Identity) -> User:
     )
 
 
-async def get_optional_user(
-    request: Request, authenticator: AuthenticatorDep, credentials: BearerCredentials
-) -> User | None:
+async def get_optional_user(request: Request, credentials: BearerCredentials) -> User | None:
     if "authorization" not in request.headers:
         return None
-    return await get_current_user(request, authenticator, credentials)
+    return await get_current_user(request, credentials)
 
 
 CurrentUser = Annotated[User, Depends(get_current_user)]

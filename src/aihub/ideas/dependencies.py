@@ -1,18 +1,50 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
 from starlette.responses import Response
 
+from aihub.core.clock import Clock
+from aihub.core.config import Settings
+from aihub.core.db import AppSessions
 from aihub.core.errors import use_error_renderer
 from aihub.core.sse import STREAM_HEADERS, markdown_error_body
-from aihub.ideas.resume import LiveIdeas, get_live_ideas
-from aihub.providers.routing import ModelChain, text_chain
+from aihub.ideas.resume import LiveIdeas
+from aihub.providers.routing import ModelChain
+from aihub.usage.quotas import QuotaPolicy, policy_for
 
-IdeasChain = Annotated[ModelChain, Depends(text_chain("ideas"))]
-LiveIdeasDep = Annotated[LiveIdeas, Depends(get_live_ideas)]
+
+@dataclass(frozen=True, slots=True)
+class Ideas:
+    """What the idea stream works with, built once with the app and given to it as one
+    dependency: FastAPI's solving of a dependency cost more than any of these took to find."""
+
+    settings: Settings
+    sessions: AppSessions
+    chain: ModelChain
+    live: LiveIdeas
+    """The ideas this process is writing."""
+    clock: Clock
+    policy: QuotaPolicy | None
+    """The daily quota; None: unlimited."""
+
+    @classmethod
+    def of(
+        cls, settings: Settings, *, sessions: AppSessions, chain: ModelChain, clock: Clock
+    ) -> Ideas:
+        policy = policy_for(settings, "ideas")
+        return cls(settings, sessions, chain, LiveIdeas(), clock, policy)
+
+
+async def get_ideas(request: Request) -> Ideas:
+    ideas: Ideas = request.app.state.ideas
+    return ideas
+
+
+IdeasDep = Annotated[Ideas, Depends(get_ideas)]
 
 
 def render_markdown_error(

@@ -17,8 +17,6 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from fastapi import Request
-
 from aihub.core.sse import StreamEvent
 
 
@@ -105,8 +103,3 @@ class LiveIdeas:
     def get(self, idea_id: uuid.UUID, *, user_id: uuid.UUID) -> LiveIdea | None:
         idea = self._ideas.get(idea_id)
         return idea if idea is not None and idea.user_id == user_id else None
-
-
-async def get_live_ideas(request: Request) -> LiveIdeas:
-    ideas: LiveIdeas = request.app.state.live_ideas
-    return ideas

@@ -8,9 +8,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from starlette.responses import Response
 
 from aihub.core.auth import AUTH_ERRORS, CurrentPlan, CurrentUser, require_plan
-from aihub.core.clock import Now
-from aihub.core.config import SettingsDep
-from aihub.core.db import SessionDep, Sessions
+from aihub.core.db import SessionDep
 from aihub.core.errors import error_responses
 from aihub.core.sse import (
     JSONEventEncoder,
@@ -20,9 +18,8 @@ from aihub.core.sse import (
     unless_disconnected,
 )
 from aihub.ideas import resume, service
-from aihub.ideas.dependencies import IdeasChain, LiveIdeasDep, markdown_errors
+from aihub.ideas.dependencies import IdeasDep, markdown_errors
 from aihub.ideas.schemas import IdeaPage, IdeaRead
-from aihub.usage import quotas
 
 router = APIRouter(tags=["ideas"])
 
@@ -79,11 +76,7 @@ async def stream_idea(
     request: Request,
     user: CurrentUser,
     plan: CurrentPlan,
-    settings: SettingsDep,
-    sessions: Sessions,
-    chain: IdeasChain,
-    now: Now,
-    live_ideas: LiveIdeasDep,
+    ideas: IdeasDep,
     format: Annotated[
         Literal["markdown", "json"], Query(description="Wire format of the stream")
     ] = "markdown",
@@ -93,12 +86,18 @@ async def stream_idea(
     ] = None,
 ) -> Response:
     started_at = time.perf_counter()
+    settings = ideas.settings
     require_plan(plan, settings.ideas_required_plan or None)
     if (resuming := resume.parse_last_event_id(last_event_id)) is not None:
         idea_id, position = resuming
         measure = str if format == "json" else MarkdownEventEncoder.normalised
         resumed = await service.resume_idea(
-            sessions, live_ideas, user=user, idea_id=idea_id, position=position, measure=measure
+            ideas.sessions,
+            ideas.live,
+            user=user,
+            idea_id=idea_id,
+            position=position,
+            measure=measure,
         )
         if resumed is not None:
             return stream_response(
@@ -114,13 +113,13 @@ async def stream_idea(
     stream = await unless_disconnected(
         request,
         service.start_idea(
-            sessions,
-            chain=chain,
+            ideas.sessions,
+            chain=ideas.chain,
             user=user,
             prompt=settings.ideas_prompt,
-            policy=quotas.policy_for(settings, "ideas"),
-            now=now,
-            live_ideas=live_ideas,
+            policy=ideas.policy,
+            now=ideas.clock(),
+            live_ideas=ideas.live,
         ),
     )
     live = stream.live

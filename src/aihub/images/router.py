@@ -272,7 +272,7 @@ async def _check_stream_access(
         return
     if "authorization" not in request.headers:
         raise Unauthorized("This stream needs the owner's bearer token or the job's ?token=")
-    user = await get_current_user(request, authenticator, await bearer_scheme(request))
+    user = await get_current_user(request, await bearer_scheme(request))
     if user.id != job.user_id:
         raise service.JobNotFound()
 
