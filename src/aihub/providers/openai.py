@@ -154,7 +154,9 @@ class OpenAIProvider(TextProvider):
             stream = await self._client.post(
                 "/chat/completions",
                 cast_to=object,
-                body=params,
+                # Serialized here (the SDK sends `content` as is): its own JSON encoder is the
+                # standard library's, in a class of its own, for every request.
+                content=orjson.dumps(params),
                 options={"headers": self._headers},
                 stream=True,
                 stream_cls=openai.AsyncStream[object],
