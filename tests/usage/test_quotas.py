@@ -9,8 +9,9 @@ from datetime import datetime
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 
+from aihub.ideas.models import Idea
 from aihub.usage import quotas
 from aihub.usage.models import Quota, UsageRecord
 from aihub.usage.quotas import QuotaExceeded, QuotaPolicy
@@ -165,6 +166,124 @@ async def test_a_provider_failure_gives_the_idea_back(
 
         assert (await served.client.get("/api", headers=sse)).status_code == 200
         assert await stored_balance(served, user_id, "ideas") == 0
+
+
+async def set_balance(served: Served, product: str, remaining: int) -> None:
+    """As another worker spending the user's units (or an administrator) would."""
+    await served.app.state.sessions.write(
+        lambda connection: connection.execute(
+            update(Quota).where(Quota.product == product).values(remaining=remaining)
+        )
+    )
+
+
+async def test_with_units_left_the_provider_is_called_while_the_unit_is_reserved(
+    make_app: MakeApp, fake_openai: FakeOpenAI
+) -> None:
+    """Once a reservation here left units, the next stream's request goes to the provider while
+    its reservation commits; nothing reaches the client before it has."""
+    async with make_app(ideas_daily_quota=5) as served:
+        user_id, token = await create_user(served.client)
+        sse = {"Accept": "text/event-stream", **bearer(token)}
+        assert (await served.client.get("/api", headers=sse)).status_code == 200  # 4 left
+        answered = asyncio.Event()
+
+        async def stream() -> tuple[int, str]:
+            async with served.client.stream("GET", "/api", headers=sse) as response:
+                answered.set()
+                return response.status_code, (await response.aread()).decode()
+
+        async with served.app.state.sessions.begin() as session:
+            # The quota row stays locked (SQLite: the database) until this transaction ends.
+            await session.execute(
+                update(Quota).where(Quota.product == "ideas").values(remaining=Quota.remaining)
+            )
+            streaming = asyncio.create_task(stream())
+            async with asyncio.timeout(5):
+                while len(fake_openai.requests) < 2:
+                    await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)
+            assert not answered.is_set()
+        status, text = await streaming
+
+        assert status == 200
+        assert "event: done" in text
+        assert await stored_balance(served, user_id, "ideas") == 3
+
+
+async def test_a_unit_spent_elsewhere_meanwhile_refuses_the_stream_the_provider_opened(
+    make_app: MakeApp, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.token_delay = 0.05
+    async with make_app(ideas_daily_quota=5) as served:
+        user_id, token = await create_user(served.client)
+        sse = {"Accept": "text/event-stream", **bearer(token)}
+        assert (await served.client.get("/api?format=json", headers=sse)).status_code == 200
+        await set_balance(served, "ideas", 0)
+
+        refused = await served.client.get("/api", headers=sse)
+
+        assert refused.status_code == 429
+        assert "Daily quota exceeded" in markdown_buffer(refused.text)
+        assert "retry-after" in refused.headers
+        assert len(fake_openai.requests) == 2
+        await asyncio.wait_for(fake_openai.stats.disconnected.wait(), timeout=3)  # closed
+        assert await stored_balance(served, user_id, "ideas") == 0  # nothing given back
+        async with served.app.state.sessions() as session:
+            rows = list(await session.scalars(select(UsageRecord).order_by(UsageRecord.created_at)))
+        assert [(row.outcome, row.error) for row in rows] == [
+            ("succeeded", None),
+            ("cancelled", "quota_exceeded"),  # the provider was called: it is on the ledger
+        ]
+        # Now known to have run out: the next refusal comes before any provider call.
+        assert (await served.client.get("/api", headers=sse)).status_code == 429
+        assert len(fake_openai.requests) == 2
+        async with served.app.state.sessions() as session:
+            assert await session.scalar(select(func.count()).select_from(Idea)) == 1
+
+
+async def test_a_provider_failure_while_the_unit_is_reserved_gives_it_back(
+    make_app: MakeApp, fake_openai: FakeOpenAI
+) -> None:
+    async with make_app(ideas_daily_quota=5) as served:
+        user_id, token = await create_user(served.client)
+        sse = {"Accept": "text/event-stream", **bearer(token)}
+        assert (await served.client.get("/api", headers=sse)).status_code == 200
+        fake_openai.fail_with(503, times=1)
+
+        assert (await served.client.get("/api", headers=sse)).status_code == 503
+        assert await stored_balance(served, user_id, "ideas") == 4
+
+        # Both at once: the refusal is the answer (as if the provider had not been called), and
+        # no unit is given back, since none was taken.
+        await set_balance(served, "ideas", 0)
+        fake_openai.fail_with(503, times=1)
+        refused = await served.client.get("/api?format=json", headers=sse)
+        assert refused.status_code == 429
+        assert refused.json()["error"] == "quota_exceeded"
+        assert await stored_balance(served, user_id, "ideas") == 0
+
+
+def test_balances_bet_only_on_units_a_reservation_left_and_nobody_has_claimed() -> None:
+    balances, user, other = quotas.Balances(capacity=2), uuid.uuid4(), uuid.uuid4()
+    assert not balances.claim(user, "ideas", 1)  # nothing known
+    balances.note(user, "ideas", 2)
+    assert balances.claim(user, "ideas", 1)
+    assert balances.claim(user, "ideas", 1)
+    assert not balances.claim(user, "ideas", 1)  # both left are claimed by reservations under way
+    assert not balances.claim(user, "chats", 1)  # per product
+    balances.settle(user, "ideas", 1)
+    balances.note(user, "ideas", 1)  # one committed, leaving 1, which the other still claims
+    assert not balances.claim(user, "ideas", 1)
+    balances.settle(user, "ideas", 1)
+    balances.note(user, "ideas", 0)
+    assert not balances.claim(user, "ideas", 1)
+
+    balances.note(other, "ideas", 5)
+    balances.note(user, "ideas", 5)  # noted last: `other` is now the oldest
+    balances.note(uuid.uuid4(), "ideas", 5)
+    assert balances.left(other, "ideas") is None
+    assert balances.left(user, "ideas") == 5
 
 
 async def test_unlimited_products_never_refuse(make_app: MakeApp, fake_openai: FakeOpenAI) -> None:

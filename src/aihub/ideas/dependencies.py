@@ -14,7 +14,7 @@ from aihub.core.errors import use_error_renderer
 from aihub.core.sse import STREAM_HEADERS, markdown_error_body
 from aihub.ideas.resume import LiveIdeas
 from aihub.providers.routing import ModelChain
-from aihub.usage.quotas import QuotaPolicy, policy_for
+from aihub.usage.quotas import Balances, QuotaPolicy, policy_for
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,13 +30,15 @@ class Ideas:
     clock: Clock
     policy: QuotaPolicy | None
     """The daily quota; None: unlimited."""
+    balances: Balances
+    """What the last reservations here left (`quotas.reserve_ahead`)."""
 
     @classmethod
     def of(
         cls, settings: Settings, *, sessions: AppSessions, chain: ModelChain, clock: Clock
     ) -> Ideas:
         policy = policy_for(settings, "ideas")
-        return cls(settings, sessions, chain, LiveIdeas(), clock, policy)
+        return cls(settings, sessions, chain, LiveIdeas(), clock, policy, Balances())
 
 
 async def get_ideas(request: Request) -> Ideas:

@@ -118,6 +118,7 @@ async def stream_idea(
             user=user,
             prompt=settings.ideas_prompt,
             policy=ideas.policy,
+            balances=ideas.balances,
             now=ideas.clock(),
             live_ideas=ideas.live,
         ),

@@ -32,7 +32,7 @@ from aihub.providers.base import (
 )
 from aihub.providers.routing import FailedAttempt, ModelChain, OpenedStream
 from aihub.usage import quotas
-from aihub.usage.quotas import QuotaPolicy
+from aihub.usage.quotas import Balances, QuotaPolicy
 from aihub.usage.service import (
     failed_attempt_rows,
     insert_usage,
@@ -64,39 +64,63 @@ async def start_idea(
     user: User,
     prompt: str,
     policy: QuotaPolicy | None,
+    balances: Balances,
     now: datetime,
     live_ideas: LiveIdeas,
 ) -> IdeaStream:
     """Reserve a unit of the quota and open the provider stream; errors before its first output
-    raise here, as HTTP errors, and give the unit back."""
+    raise here, as HTTP errors, and give the unit back.
+
+    For a user whose last reservation here left enough, the reservation commits while the
+    provider's request is on its way (`quotas.reserve_ahead`); nothing reaches them before it
+    has, and if it is refused, the stream is closed and the refusal is the answer."""
     requested_at = utcnow()
     started = time.perf_counter()
-    await quotas.reserve_with(sessions, user_id=user.id, product="ideas", policy=policy, now=now)
+    reserving = await quotas.reserve_ahead(
+        sessions, balances, user_id=user.id, product="ideas", policy=policy, now=now
+    )
+    opened: OpenedStream | None = None
     try:
         # Open once the provider takes the request: a reasoning model may think for a long while
         # before its first token, and the client (and any proxy) should not wait in silence.
         opened = await chain.open_stream(
             TextRequest(messages=(Message.user(prompt),)), until="accepted"
         )
+        if reserving is not None:
+            await reserving
     except BaseException as exc:
         with anyio.CancelScope(shield=True):
+            refusal = await _refusal(reserving)
+            if opened is not None:
+                await opened.aclose()
             async with sessions.begin() as session:
-                await quotas.refund(session, user_id=user.id, product="ideas")
+                if refusal is None:
+                    await quotas.refund(session, user_id=user.id, product="ideas")
                 if isinstance(exc, ProviderError):
                     record_failed_attempts(
                         session, user_id=user.id, product="ideas", attempts=exc.attempts
                     )
-                else:  # the client left, or something broke while the provider was opening
+                else:  # the client left, the reservation was refused, or something broke
+                    if opened is not None:
+                        record_failed_attempts(
+                            session, user_id=user.id, product="ideas", attempts=opened.failed
+                        )
                     record_usage(
                         session,
                         user_id=user.id,
                         product="ideas",
-                        provider=chain.primary.provider.name,
-                        model=chain.primary.model,
+                        provider=opened.provider if opened else chain.primary.provider.name,
+                        model=opened.model if opened else chain.primary.model,
                         latency_ms=_ms_since(started),
                         outcome="cancelled",
                         error=exc.code if isinstance(exc, AppError) else None,
                     )
+        if (
+            refusal is not None
+            and refusal is not exc
+            and not isinstance(exc, asyncio.CancelledError)
+        ):
+            raise refusal from exc  # what the user would have heard before the provider's word
         raise
     idea = Idea(
         id=uuid.uuid4(),
@@ -108,6 +132,17 @@ async def start_idea(
     live = LiveIdea(idea.id, user.id, f"{opened.provider}:{opened.model}")
     events = _idea_events(sessions, opened, idea, started=started, live=live, live_ideas=live_ideas)
     return IdeaStream(events, opened.provider, opened.model, live)
+
+
+async def _refusal(reserving: asyncio.Future[None] | None) -> BaseException | None:
+    """Why a reservation left to commit (`quotas.reserve_ahead`) took nothing, once it is done;
+    None if it took its units (or was done before)."""
+    if reserving is None:
+        return None
+    await asyncio.wait([reserving])
+    if reserving.cancelled():
+        return asyncio.CancelledError()  # its undo gives the units back once committed
+    return reserving.exception()
 
 
 def _ms_since(started: float) -> int:
