@@ -197,29 +197,23 @@ async def reserve_ahead(
     that an empty balance never costs a provider call."""
     if policy is None:
         return None
+    reservation = functools.partial(
+        reserve_with,
+        sessions,
+        user_id=user_id,
+        product=product,
+        policy=policy,
+        now=now,
+        units=units,
+        balances=balances,
+    )
     if not balances.claim(user_id, product, units):
-        await reserve_with(
-            sessions,
-            user_id=user_id,
-            product=product,
-            policy=policy,
-            now=now,
-            units=units,
-            balances=balances,
-        )
+        await reservation()
         return None
 
     async def reserving() -> None:
         try:
-            await reserve_with(
-                sessions,
-                user_id=user_id,
-                product=product,
-                policy=policy,
-                now=now,
-                units=units,
-                balances=balances,
-            )
+            await reservation()
         finally:
             balances.settle(user_id, product, units)
 
