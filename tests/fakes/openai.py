@@ -197,9 +197,12 @@ class FakeOpenAI:
     def reset(self) -> None:
         self.tokens: list[str] = tokenize(DEFAULT_TEXT)
         self.token_delay = 0.0
+        """Seconds between two streamed tokens."""
         self.first_token_delay = 0.0
         """Seconds of "thinking" between the role chunk and the first token."""
-        """Seconds between two streamed tokens."""
+        self.end_delay = 0.0
+        """Seconds between `data: [DONE]` and the end of the body, which then comes in a packet
+        of its own (as it may from a real server)."""
         self.prompt_tokens = 17
         self.completion_tokens: int | None = None
         """None: the number of tokens streamed."""
@@ -337,6 +340,8 @@ class FakeOpenAI:
         if include_usage:
             yield chunk.usage(self._usage(len(tokens)))
         yield b"data: [DONE]\n\n"
+        if self.end_delay:
+            await asyncio.sleep(self.end_delay)
 
 
 class _ChunkTemplate:

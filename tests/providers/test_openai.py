@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from aihub.providers import openai as openai_adapter
 from aihub.providers.base import (
     Accepted,
     Finish,
@@ -26,7 +27,7 @@ from aihub.providers.base import (
     Usage,
 )
 from aihub.providers.openai import OpenAIProvider
-from tests.fakes.openai import FakeOpenAI
+from tests.fakes.openai import DEFAULT_TEXT, FakeOpenAI
 
 API_KEY = "sk-test-0123456789abcdefghijklmnop"
 MODEL = "gpt-5-nano"
@@ -407,6 +408,39 @@ async def test_the_pool_lets_an_idle_connection_go_before_a_uvicorn_upstream_doe
     first, again, after_a_pause = (r.client_port for r in fake_openai.requests)
     assert first == again  # kept alive between two requests in a row
     assert after_a_pause != first
+
+
+async def test_a_stream_whose_body_ends_after_done_leaves_its_connection_in_the_pool(
+    fake_openai: FakeOpenAI,
+) -> None:
+    """The end of the chunked body may come in a packet of its own after `[DONE]`: it is read,
+    so the connection can serve the next request (a body left unread closes it, and the next
+    request pays for a new connection: on the internet, a TLS handshake)."""
+    fake_openai.end_delay = 0.05
+    provider = OpenAIProvider(api_key=API_KEY, base_url=fake_openai.base_url, max_retries=0)
+    try:
+        first = await collect(provider)
+        await collect(provider)
+    finally:
+        await provider.aclose()
+    assert text_of(first) == DEFAULT_TEXT
+    assert isinstance(first[-1], Finish)
+    one, two = (r.client_port for r in fake_openai.requests)
+    assert one == two
+
+
+async def test_a_body_that_does_not_end_after_done_costs_its_connection_not_the_answer(
+    fake_openai: FakeOpenAI,
+) -> None:
+    fake_openai.end_delay = 5
+    provider = OpenAIProvider(api_key=API_KEY, base_url=fake_openai.base_url, max_retries=0)
+    try:
+        async with asyncio.timeout(openai_adapter.DRAIN_SECONDS + 1):
+            events = await collect(provider)
+    finally:
+        await provider.aclose()
+    assert text_of(events) == DEFAULT_TEXT
+    assert isinstance(events[-1], Finish)
 
 
 async def test_connection_refused_is_unavailable() -> None:

@@ -8,9 +8,10 @@ hundred concurrent streams that is what keeps time to first token low (see
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -76,6 +77,24 @@ for each request (~0.1 ms of CPU a stream). The `User-Agent` stays."""
 
 _FINISH_REASONS = {"stop": "stop", "length": "length", "content_filter": "content_filter"}
 _KEY_LIKE = re.compile(r"\b(sk|pk|rk)-[A-Za-z0-9_\-*]{6,}")
+
+
+DRAIN_SECONDS = 0.5
+"""How long a stream's reader waits, after `[DONE]`, for the end of its body."""
+
+
+async def _drain(read: Callable[[], Awaitable[bytes]]) -> None:
+    """Read the body to its end after `[DONE]` (the chunked body's last chunk, usually a few
+    bytes behind it, often in a packet of its own), so that its connection goes back to the
+    pool: a body left unread closes the connection, and the next request pays for a new one (on
+    the internet, a TLS handshake). The answer is whole by now: a server that sends more, or
+    does not end the body, only loses its connection."""
+    try:
+        async with asyncio.timeout(DRAIN_SECONDS):
+            while await read():
+                pass
+    except (TimeoutError, OSError, aiohttp.ClientError, httpx2.HTTPError):
+        pass
 
 
 OPENAI_API_URL = "https://api.openai.com/v1"
@@ -183,6 +202,8 @@ class OpenAIProvider(TextProvider):
                     if reader.done:
                         break
                 yield reader.finish(provider=self)
+                if reader.done:
+                    await _drain(read)
         except openai.APIStatusError as exc:
             raise self._status_error(exc) from exc
         except (openai.APIConnectionError, httpx2.RequestError, aiohttp.ClientError) as exc:
