@@ -264,20 +264,61 @@ async def test_a_provider_failure_while_the_unit_is_reserved_gives_it_back(
         assert await stored_balance(served, user_id, "ideas") == 0
 
 
-def test_balances_bet_only_on_units_a_reservation_left_and_nobody_has_claimed() -> None:
+async def test_concurrent_streams_bet_on_no_more_units_than_are_left(
+    make_app: MakeApp, fake_openai: FakeOpenAI
+) -> None:
+    """Thirty streams at once against nine units known to be left: nine are served, each with
+    its provider call made while its unit was reserved, and the other 21 are refused before
+    any provider call."""
+    fake_openai.token_delay = 0.002
+    async with make_app(ideas_daily_quota=10) as served:
+        user_id, token = await create_user(served.client)
+        sse = {"Accept": "text/event-stream", **bearer(token)}
+        assert (await served.client.get("/api", headers=sse)).status_code == 200  # 9 left
+
+        responses = await asyncio.gather(
+            *(served.client.get("/api", headers=sse) for _ in range(30))
+        )
+
+        statuses = sorted(r.status_code for r in responses)
+        assert statuses.count(200) == 9, statuses
+        assert statuses.count(429) == 21, statuses
+        async with served.app.state.sessions() as session:
+            rows = list(await session.scalars(select(UsageRecord)))
+        assert [row.outcome for row in rows] == ["succeeded"] * 10  # no call made in vain
+        assert len(fake_openai.requests) == 10
+        assert await stored_balance(served, user_id, "ideas") == 0
+
+
+async def test_balances_bet_only_on_units_a_reservation_left_that_no_bet_counts_on() -> None:
     balances, user, other = quotas.Balances(capacity=2), uuid.uuid4(), uuid.uuid4()
-    assert not balances.claim(user, "ideas", 1)  # nothing known
+    commits: list[asyncio.Future[None]] = []
+
+    async def reservation() -> None:
+        commits.append(asyncio.get_running_loop().create_future())
+        await commits[-1]
+
+    assert balances.bet(user, "ideas", 1, reservation) is None  # nothing known
     balances.note(user, "ideas", 2)
-    assert balances.claim(user, "ideas", 1)
-    assert balances.claim(user, "ideas", 1)
-    assert not balances.claim(user, "ideas", 1)  # both left are claimed by reservations under way
-    assert not balances.claim(user, "chats", 1)  # per product
-    balances.settle(user, "ideas", 1)
-    balances.note(user, "ideas", 1)  # one committed, leaving 1, which the other still claims
-    assert not balances.claim(user, "ideas", 1)
-    balances.settle(user, "ideas", 1)
+    first = balances.bet(user, "ideas", 1, reservation)
+    second = balances.bet(user, "ideas", 1, reservation)
+    assert first is not None
+    assert second is not None
+    assert balances.bet(user, "ideas", 1, reservation) is None  # both units are counted on
+    assert balances.bet(user, "chats", 1, reservation) is None  # per product
+    settled = asyncio.ensure_future(balances.settled(user, "ideas"))
+    await asyncio.sleep(0)
+    balances.note(user, "ideas", 1)  # the first committed, leaving 1, which the second counts on
+    commits[0].set_result(None)
+    await first
+    assert balances.bet(user, "ideas", 1, reservation) is None
+    assert not settled.done()  # the second is still under way
     balances.note(user, "ideas", 0)
-    assert not balances.claim(user, "ideas", 1)
+    commits[1].set_result(None)
+    await second
+    await asyncio.wait_for(settled, 1)
+    assert balances.bet(user, "ideas", 1, reservation) is None
+    await balances.settled(user, "ideas")  # none under way: at once
 
     balances.note(other, "ideas", 5)
     balances.note(user, "ideas", 5)  # noted last: `other` is now the oldest

@@ -14,7 +14,7 @@ import asyncio
 import functools
 import math
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal, cast
@@ -207,60 +207,83 @@ async def reserve_ahead(
         units=units,
         balances=balances,
     )
-    if not balances.claim(user_id, product, units):
-        await reservation()
-        return None
-
-    async def reserving() -> None:
-        try:
-            await reservation()
-        finally:
-            balances.settle(user_id, product, units)
-
-    return asyncio.ensure_future(reserving())
+    if (reserving := balances.bet(user_id, product, units, reservation)) is not None:
+        return reserving
+    # Reservations under way may count on what is left: one that this overtook could lose its
+    # unit to it, after its provider call was made.
+    await balances.settled(user_id, product)
+    await balances.track(user_id, product, units, reservation)
+    return None
 
 
 class Balances:
-    """What this process's reservations last left of recent users' balances, less the units
-    claimed since by reservations still under way: whether the next one is all but sure to
-    succeed (`reserve_ahead`).
+    """What this process's reservations last left of recent users' balances, and the
+    reservations under way, which count on it: whether the next one is all but sure to succeed
+    (`reserve_ahead`).
 
     Only a hint: another worker, a refund, a top-up or an administrator's change makes it stale,
-    and the reservation itself is what lets a request through. It errs low (a refund is not
-    counted), and claims keep concurrent requests from all betting on the same last unit."""
+    and the reservation itself is what lets a request through. It errs low: a refund is not
+    counted, and a reservation under way counts as taking its units until it has ended (its
+    outcome noted), so concurrent requests never all count on the same last unit."""
 
     def __init__(self, capacity: int = 10_000) -> None:
         self._capacity = capacity
         self._left: dict[tuple[uuid.UUID, Product], int] = {}
-        self._claimed: dict[tuple[uuid.UUID, Product], int] = {}
+        self._under_way: dict[tuple[uuid.UUID, Product], dict[asyncio.Future[None], int]] = {}
 
-    def claim(self, user_id: uuid.UUID, product: Product, units: int) -> bool:
-        """Whether `units` are left beyond those already claimed; if so, claim them."""
-        key = (user_id, product)
-        claimed = self._claimed.get(key, 0)
-        if self._left.get(key, 0) - claimed < units:
-            return False
-        self._claimed[key] = claimed + units
-        return True
+    def bet(
+        self,
+        user_id: uuid.UUID,
+        product: Product,
+        units: int,
+        reservation: Callable[[], Coroutine[Any, Any, None]],
+    ) -> asyncio.Future[None] | None:
+        """`reservation` started (`track`), if `units` are left beyond those the reservations
+        under way take; else None."""
+        under_way = self._under_way.get((user_id, product), {})
+        if self._left.get((user_id, product), 0) - sum(under_way.values()) < units:
+            return None
+        return self.track(user_id, product, units, reservation)
 
-    def settle(self, user_id: uuid.UUID, product: Product, units: int) -> None:
-        """A claimed reservation ended, whatever its outcome."""
+    def track(
+        self,
+        user_id: uuid.UUID,
+        product: Product,
+        units: int,
+        reservation: Callable[[], Coroutine[Any, Any, None]],
+    ) -> asyncio.Future[None]:
+        """`reservation` started as a task, counted as taking `units` until it ends."""
         key = (user_id, product)
-        if (claimed := self._claimed.get(key, 0) - units) > 0:
-            self._claimed[key] = claimed
-        else:
-            self._claimed.pop(key, None)
+        reserving = asyncio.ensure_future(reservation())
+        self._under_way.setdefault(key, {})[reserving] = units
+        reserving.add_done_callback(functools.partial(self._ended, key))
+        return reserving
+
+    async def settled(self, user_id: uuid.UUID, product: Product) -> None:
+        """Once the reservations under way on the user's balance have ended, however they end."""
+        if under_way := self._under_way.get((user_id, product)):
+            await asyncio.wait(list(under_way))
 
     def note(self, user_id: uuid.UUID, product: Product, left: int) -> None:
-        """A reservation committed, leaving `left`."""
+        """A reservation under way committed, leaving `left`. While others are under way it
+        may be heard after one that committed later (on PostgreSQL each has a connection of
+        its own): the lower figure is kept."""
         key = (user_id, product)
-        if self._left.pop(key, None) is None and len(self._left) >= self._capacity:
+        known = self._left.pop(key, None)
+        if known is None and len(self._left) >= self._capacity:
             del self._left[next(iter(self._left))]  # the user noted the longest ago
-        self._left[key] = left
+        others = len(self._under_way.get(key, ())) > 1
+        self._left[key] = min(known, left) if others and known is not None else left
 
     def left(self, user_id: uuid.UUID, product: Product) -> int | None:
         """What the last reservation here left (None: none is known)."""
         return self._left.get((user_id, product))
+
+    def _ended(self, key: tuple[uuid.UUID, Product], reserving: asyncio.Future[None]) -> None:
+        under_way = self._under_way.get(key, {})
+        under_way.pop(reserving, None)
+        if not under_way:
+            self._under_way.pop(key, None)
 
 
 @functools.cache
