@@ -177,15 +177,22 @@ async def set_balance(served: Served, product: str, remaining: int) -> None:
     )
 
 
+async def a_user_with_one_idea(served: Served, **params: str) -> tuple[str, dict[str, str]]:
+    """A new user who has streamed one idea (so that this process knows what their reservation
+    left): their id and the headers of their idea streams."""
+    user_id, token = await create_user(served.client)
+    sse = {"Accept": "text/event-stream", **bearer(token)}
+    assert (await served.client.get("/api", params=params, headers=sse)).status_code == 200
+    return user_id, sse
+
+
 async def test_with_units_left_the_provider_is_called_while_the_unit_is_reserved(
     make_app: MakeApp, fake_openai: FakeOpenAI
 ) -> None:
     """Once a reservation here left units, the next stream's request goes to the provider while
     its reservation commits; nothing reaches the client before it has."""
     async with make_app(ideas_daily_quota=5) as served:
-        user_id, token = await create_user(served.client)
-        sse = {"Accept": "text/event-stream", **bearer(token)}
-        assert (await served.client.get("/api", headers=sse)).status_code == 200  # 4 left
+        user_id, sse = await a_user_with_one_idea(served)  # 4 left
         answered = asyncio.Event()
 
         async def stream() -> tuple[int, str]:
@@ -216,9 +223,7 @@ async def test_a_unit_spent_elsewhere_meanwhile_refuses_the_stream_the_provider_
 ) -> None:
     fake_openai.token_delay = 0.05
     async with make_app(ideas_daily_quota=5) as served:
-        user_id, token = await create_user(served.client)
-        sse = {"Accept": "text/event-stream", **bearer(token)}
-        assert (await served.client.get("/api?format=json", headers=sse)).status_code == 200
+        user_id, sse = await a_user_with_one_idea(served, format="json")
         await set_balance(served, "ideas", 0)
 
         refused = await served.client.get("/api", headers=sse)
@@ -246,9 +251,7 @@ async def test_a_provider_failure_while_the_unit_is_reserved_gives_it_back(
     make_app: MakeApp, fake_openai: FakeOpenAI
 ) -> None:
     async with make_app(ideas_daily_quota=5) as served:
-        user_id, token = await create_user(served.client)
-        sse = {"Accept": "text/event-stream", **bearer(token)}
-        assert (await served.client.get("/api", headers=sse)).status_code == 200
+        user_id, sse = await a_user_with_one_idea(served)
         fake_openai.fail_with(503, times=1)
 
         assert (await served.client.get("/api", headers=sse)).status_code == 503
@@ -272,9 +275,7 @@ async def test_concurrent_streams_bet_on_no_more_units_than_are_left(
     any provider call."""
     fake_openai.token_delay = 0.002
     async with make_app(ideas_daily_quota=10) as served:
-        user_id, token = await create_user(served.client)
-        sse = {"Accept": "text/event-stream", **bearer(token)}
-        assert (await served.client.get("/api", headers=sse)).status_code == 200  # 9 left
+        user_id, sse = await a_user_with_one_idea(served)  # 9 left
 
         responses = await asyncio.gather(
             *(served.client.get("/api", headers=sse) for _ in range(30))

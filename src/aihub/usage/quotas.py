@@ -145,13 +145,12 @@ async def reserve_with(
     policy: QuotaPolicy | None,
     now: datetime,
     units: int = 1,
-    balances: Balances | None = None,
-) -> None:
+) -> int | None:
     """`reserve` as a write of its own (`AppSessions.write`: batched with other writes on
-    SQLite); `QuotaExceeded` when there is not enough. If the caller stops waiting once the
-    reservation is committed, the units are given back. `balances` learns what it left."""
+    SQLite): what is left, `QuotaExceeded` when there is not enough. If the caller stops
+    waiting once the reservation is committed, the units are given back."""
     if policy is None:
-        return
+        return None
 
     def taken(connection: Connection) -> int | QuotaExceeded | None:
         try:
@@ -169,11 +168,8 @@ async def reserve_with(
     # Each statement of `take` is atomic on its own (see `AppSessions.write_each`).
     outcome = await sessions.write_each(taken, undo=give_back_if_taken)
     if isinstance(outcome, QuotaExceeded):
-        if balances is not None:
-            balances.note(user_id, product, 0)
         raise outcome
-    if balances is not None and outcome is not None:
-        balances.note(user_id, product, outcome)
+    return outcome
 
 
 async def reserve_ahead(
@@ -197,16 +193,19 @@ async def reserve_ahead(
     that an empty balance never costs a provider call."""
     if policy is None:
         return None
-    reservation = functools.partial(
-        reserve_with,
-        sessions,
-        user_id=user_id,
-        product=product,
-        policy=policy,
-        now=now,
-        units=units,
-        balances=balances,
-    )
+
+    async def reservation() -> None:
+        """The reservation, telling `balances` what it left."""
+        try:
+            left = await reserve_with(
+                sessions, user_id=user_id, product=product, policy=policy, now=now, units=units
+            )
+        except QuotaExceeded:
+            balances.note(user_id, product, 0)
+            raise
+        if left is not None:
+            balances.note(user_id, product, left)
+
     if (reserving := balances.bet(user_id, product, units, reservation)) is not None:
         return reserving
     # Reservations under way may count on what is left: one that this overtook could lose its
