@@ -9,12 +9,17 @@ from datetime import datetime
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select, update
+import sqlalchemy
+from sqlalchemy import event, func, select, text, update
+from sqlalchemy.exc import IntegrityError
 
+import aihub.main  # noqa: F401 - every model on Base.metadata
+from aihub.core.db import Base, DriverStatement, _sqlite_pragmas
 from aihub.ideas.models import Idea
 from aihub.usage import quotas
 from aihub.usage.models import Quota, UsageRecord
 from aihub.usage.quotas import QuotaExceeded, QuotaPolicy
+from aihub.users.models import User
 from tests.clocks import FakeClock
 from tests.conftest import MakeApp, Served
 from tests.factories import bearer, create_user
@@ -456,3 +461,77 @@ async def test_several_units_at_once_are_all_or_nothing(served: Served) -> None:
     with pytest.raises(QuotaExceeded):
         await reserve(3)
     assert await balance() == 2
+
+
+def _sqlite_file(path: Any, *, echo: bool = False) -> sqlalchemy.Engine:
+    """A plain `sqlite3` engine on `path`, as SQLite's writer thread has (`core.db`)."""
+    engine = sqlalchemy.create_engine(f"sqlite:///{path}", echo=echo)
+    event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def test_the_writer_thread_s_reservation_stores_what_sqlalchemy_s_execution_would(
+    tmp_path: Any,
+) -> None:
+    """On the writer thread the reservation runs on the driver's cursor (`DriverStatement`);
+    step for step it answers, and stores, exactly what SQLAlchemy's execution of it does."""
+    plain = _sqlite_file(tmp_path / "q.db")
+    echoing = _sqlite_file(tmp_path / "q.db", echo=True)  # every statement logged: no shortcut
+    Base.metadata.create_all(plain)
+    clock = FakeClock()
+    users = {engine: uuid.uuid4() for engine in (plain, echoing)}
+    with plain.begin() as connection:
+        connection.execute(
+            sqlalchemy.insert(User), [{"id": id, "updated_at": clock.now} for id in users.values()]
+        )
+    policy = QuotaPolicy(initial=2, daily=3)
+
+    def take(engine: sqlalchemy.Engine) -> int | str | None:
+        with engine.connect() as connection, connection.begin():
+            assert DriverStatement.runs_on(connection) is (engine is plain)
+            try:
+                return quotas.take(
+                    connection, user_id=users[engine], product="ideas", policy=policy, now=clock.now
+                )
+            except QuotaExceeded as exc:
+                return f"refused, retry after {exc.retry_after}"
+
+    def stored(engine: sqlalchemy.Engine) -> tuple[Any, ...]:
+        with plain.connect() as connection:  # the raw columns, as SQLite holds them
+            row = connection.execute(
+                text("SELECT remaining, last_reset_at FROM quota WHERE user_id = :id"),
+                {"id": users[engine].hex},
+            ).one()
+            return tuple(row)
+
+    answers: list[int | str | None] = []
+    steps = ("new", "spend", "refused", "next day", "topped up", "spend", "spend", "refused")
+    for step in steps:
+        if step == "next day":
+            clock.advance(hours=24, minutes=1)
+            continue
+        answer = take(plain)
+        assert take(echoing) == answer, step
+        assert stored(plain) == stored(echoing), step
+        answers.append(answer)
+    assert answers == [1, 0, "refused, retry after 86400", 2, 1, 0, "refused, retry after 86400"]
+    plain.dispose()
+    echoing.dispose()
+
+
+def test_the_writer_thread_s_reservation_raises_sqlalchemy_s_errors(tmp_path: Any) -> None:
+    """A user deleted since this instance cached them: the foreign key fails as SQLAlchemy's
+    `IntegrityError`, which the app answers as it answers any (`handle_integrity_error`)."""
+    plain = _sqlite_file(tmp_path / "q.db")
+    Base.metadata.create_all(plain)
+    with plain.connect() as connection, connection.begin():
+        assert DriverStatement.runs_on(connection)
+        with pytest.raises(IntegrityError):
+            quotas.take(
+                connection,
+                user_id=uuid.uuid4(),
+                product="ideas",
+                policy=QuotaPolicy(initial=2, daily=3),
+                now=FakeClock().now,
+            )
+    plain.dispose()

@@ -21,11 +21,19 @@ from typing import Any, Literal, cast
 
 from sqlalchemy import Connection, Integer, String, Table, Uuid, bindparam, case, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.dml import ReturningInsert
 
 from aihub.core.config import Settings
-from aihub.core.db import AppSessions, Job, UTCDateTime, insert_if_absent_statement, run_job
+from aihub.core.db import (
+    AppSessions,
+    DriverStatement,
+    Job,
+    UTCDateTime,
+    insert_if_absent_statement,
+    run_job,
+)
 from aihub.core.errors import AppError
 from aihub.usage.models import Quota
 
@@ -117,7 +125,6 @@ def take(
     if units > policy.initial:
         # The insert branch below would start the row below zero: create it untouched first.
         _start_balance(connection, user_id, product, policy.initial, now)
-    statement = _reserve_statement(connection.dialect.name)
     parameters = {
         "user_id": user_id,
         "product": product,
@@ -127,7 +134,12 @@ def take(
         "now": now,
         "cutoff": now - PERIOD,
     }
-    remaining = connection.execute(statement, parameters).scalar_one_or_none()
+    if DriverStatement.runs_on(connection):
+        row = _reserve_on_driver(connection.dialect).first(connection, parameters)
+        remaining = None if row is None else row[0]
+    else:
+        statement = _reserve_statement(connection.dialect.name)
+        remaining = connection.execute(statement, parameters).scalar_one_or_none()
     if remaining is None:
         current = balance(connection, user_id=user_id, product=product, policy=policy, now=now)
         assert current.next_reset_at is not None
@@ -283,6 +295,18 @@ class Balances:
         under_way.pop(reserving, None)
         if not under_way:
             self._under_way.pop(key, None)
+
+
+_ON_DRIVER: dict[str, DriverStatement] = {}
+
+
+def _reserve_on_driver(dialect: Dialect) -> DriverStatement:
+    """The reservation for the writer thread's driver (`DriverStatement`), compiled once (per
+    driver: every engine has a dialect of its own)."""
+    if (statement := _ON_DRIVER.get(dialect.driver)) is None:
+        statement = DriverStatement(_reserve_statement(dialect.name), dialect)
+        _ON_DRIVER[dialect.driver] = statement
+    return statement
 
 
 @functools.cache
