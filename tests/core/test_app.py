@@ -166,6 +166,12 @@ async def test_docs_tag_every_route(served: Served) -> None:
     assert (await served.client.get("/docs")).status_code == 200
     error_schema = spec["paths"]["/api/ideas"]["get"]["responses"]["401"]
     assert error_schema["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorRead")
+    # The idea stream's caller is one dependency of its own (`IdeaCaller`): its token is shown
+    # as every other route's is.
+    assert (
+        spec["paths"]["/api"]["get"]["security"] == spec["paths"]["/api/ideas"]["get"]["security"]
+    )
+    assert spec["paths"]["/api"]["get"]["security"] == [{"HTTPBearer": []}]
 
 
 @pytest.mark.parametrize(

@@ -4,10 +4,10 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi import APIRouter, Header, Query, Request
 from starlette.responses import Response
 
-from aihub.core.auth import AUTH_ERRORS, CurrentPlan, CurrentUser, require_plan
+from aihub.core.auth import AUTH_ERRORS, CurrentUser, require_plan
 from aihub.core.db import SessionDep
 from aihub.core.errors import error_responses
 from aihub.core.sse import (
@@ -18,7 +18,7 @@ from aihub.core.sse import (
     unless_disconnected,
 )
 from aihub.ideas import resume, service
-from aihub.ideas.dependencies import IdeasDep, markdown_errors
+from aihub.ideas.dependencies import IdeaCallerDep
 from aihub.ideas.schemas import IdeaPage, IdeaRead
 
 router = APIRouter(tags=["ideas"])
@@ -68,15 +68,12 @@ def _stream_error_responses() -> dict[int | str, dict[str, Any]]:
     "/api",
     summary="Stream a business idea",
     description=_STREAM_DESCRIPTION,
-    dependencies=[Depends(markdown_errors)],
     response_class=Response,
     responses={200: {"content": {"text/event-stream": {}}}, **_stream_error_responses()},
 )
 async def stream_idea(
     request: Request,
-    user: CurrentUser,
-    plan: CurrentPlan,
-    ideas: IdeasDep,
+    caller: IdeaCallerDep,
     format: Annotated[
         Literal["markdown", "json"], Query(description="Wire format of the stream")
     ] = "markdown",
@@ -86,6 +83,7 @@ async def stream_idea(
     ] = None,
 ) -> Response:
     started_at = time.perf_counter()
+    user, plan, ideas = caller.user, caller.plan, caller.ideas
     settings = ideas.settings
     require_plan(plan, settings.ideas_required_plan or None)
     if (resuming := resume.parse_last_event_id(last_event_id)) is not None:
