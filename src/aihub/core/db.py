@@ -16,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Any, Generic, TypeVar, cast
+from typing import Annotated, Any, Generic, TypeVar
 
 import sqlalchemy
 from fastapi import Depends, Request
@@ -32,9 +32,7 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.pool import ConnectionPoolEntry
-from sqlalchemy.sql import ClauseElement
-from sqlalchemy.sql.compiler import SQLCompiler
-from sqlalchemy.sql.dml import ReturningInsert
+from sqlalchemy.sql.dml import ReturningInsert, UpdateBase
 from sqlalchemy.types import TypeDecorator
 from sqlalchemy.util.concurrency import in_greenlet
 
@@ -487,53 +485,64 @@ SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
 
 
 class DriverStatement:
-    """A Core statement compiled once for a dialect and run straight on the driver's cursor,
-    inside the `Connection`'s transaction: the types' own conversions of the parameters,
-    without SQLAlchemy's execution around it (its compiled cache, events, result objects).
+    """A Core DML statement that runs straight on the driver's cursor where it can, inside the
+    `Connection`'s transaction: compiled once, its parameters converted by the types' own
+    dialect implementations, without SQLAlchemy's execution around it (its compiled cache,
+    events, result objects). Elsewhere it runs through `execute`.
 
     For a statement before every stream's first token on SQLite's writer thread (the quota
     reservation): there the thread's work is a turn the event loop waits for, and SQLAlchemy's
     execution took longer than SQLite's own (a reservation in its transaction: 0.77 against
-    0.50 ms cold, 0.21 against 0.13 warm). Only the plain `sqlite3` driver runs it
+    0.50 ms cold, 0.21 against 0.13 warm). Only the plain `sqlite3` driver takes the shortcut
     (`runs_on`): elsewhere a statement may be cancelled halfway (aiosqlite), or a round trip
     costs far more than this (PostgreSQL), and with `DATABASE_ECHO` every statement is to be
     logged. The driver's errors are raised as SQLAlchemy's, as `execute` raises them."""
 
-    def __init__(self, statement: ClauseElement, dialect: Dialect) -> None:
-        compiled = cast(SQLCompiler, statement.compile(dialect=dialect))
-        names = tuple(compiled.positiontup or ())
-        self.sql = compiled.string
-        self._names = names
-        self._processors = tuple(
-            # The dialect's own implementation of each type: SQLite's formats datetimes.
-            compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect)
-            for name in names
-        )
+    def __init__(self, statement: UpdateBase) -> None:
+        self.statement = statement
+        self._compiled: tuple[str, tuple[str, ...], tuple[Any, ...]] | None = None
+        """The SQL, its parameters' names in order and their conversions, once compiled."""
 
     @staticmethod
     def runs_on(connection: Connection) -> bool:
+        """Whether the statement takes the driver's cursor on `connection`."""
         return connection.dialect.driver == "pysqlite" and not connection.engine.echo
 
     def first(
         self, connection: Connection, parameters: Mapping[str, Any]
     ) -> tuple[Any, ...] | None:
         """The first row the statement returns (None: none)."""
+        if not self.runs_on(connection):
+            row = connection.execute(self.statement, parameters).first()
+            return None if row is None else tuple(row)
+        sql, names, processors = self._compiled or self._compile(connection.dialect)
         values = tuple(
             parameters[name] if process is None else process(parameters[name])
-            for name, process in zip(self._names, self._processors, strict=True)
+            for name, process in zip(names, processors, strict=True)
         )
         dbapi = connection.dialect.loaded_dbapi
         cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
         try:
-            cursor.execute(self.sql, values)
-            row: tuple[Any, ...] | None = cursor.fetchone()
-            return row
+            cursor.execute(sql, values)
+            first: tuple[Any, ...] | None = cursor.fetchone()
+            return first
         except dbapi.Error as exc:
             raise DBAPIError.instance(
-                self.sql, values, exc, dbapi.Error, hide_parameters=True, dialect=connection.dialect
+                sql, values, exc, dbapi.Error, hide_parameters=True, dialect=connection.dialect
             ) from exc
         finally:
             cursor.close()
+
+    def _compile(self, dialect: Dialect) -> tuple[str, tuple[str, ...], tuple[Any, ...]]:
+        compiled = self.statement.compile(dialect=dialect)
+        names = tuple(compiled.positiontup or ())
+        processors = tuple(
+            # The dialect's own implementation of each type: SQLite's formats datetimes.
+            compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect)
+            for name in names
+        )
+        self._compiled = (compiled.string, names, processors)
+        return self._compiled
 
 
 def dialect_insert(

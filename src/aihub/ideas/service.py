@@ -125,7 +125,7 @@ async def start_idea(
     live = LiveIdea(uuid.uuid4(), user.id, f"{opened.provider}:{opened.model}")
     # The stored `Idea` is built when the idea ends (`_save`): an ORM object's construction
     # took 0.19 ms here, before the first token, on a path that runs cold once per stream.
-    draft = _Draft(live.id, user.id, requested_at, opened.provider, opened.model, live.parts)
+    draft = _Draft(live, requested_at, opened.provider, opened.model)
     events = _idea_events(
         sessions, opened, draft, started=started, live=live, live_ideas=live_ideas
     )
@@ -149,14 +149,12 @@ def _ms_since(started: float) -> int:
 
 @dataclass
 class _Draft:
-    """An idea being written: what `_save` stores once it ends."""
+    """An idea being written (its text is `live`'s): what `_save` stores once it ends."""
 
-    id: uuid.UUID
-    user_id: uuid.UUID
+    live: LiveIdea
     created_at: datetime
     provider: str
     model: str
-    parts: list[str]
     usage: Usage | None = None
     finish_reason: str | None = None
 
@@ -182,13 +180,13 @@ async def _idea_events(
     live_ideas.add(live)
     failure: ProviderError | None = None
     finished = saved = False
-    ids, written = f"{draft.id}:", 0
+    ids, written = f"{live.id}:", 0
     try:
         try:
             async for event in opened:
                 if isinstance(event, TextDelta):
                     text = event.text
-                    draft.parts.append(text)
+                    live.parts.append(text)
                     live.grew()
                     written += len(text)
                     yield StreamEvent("delta", text, f"{ids}{written}")
@@ -197,7 +195,7 @@ async def _idea_events(
                 elif isinstance(event, Finish):
                     draft.finish_reason = event.reason
             finished = True
-            text = "".join(draft.parts)
+            text = "".join(live.parts)
             failure = unusable_answer(text, draft.finish_reason, provider=opened.provider)
         except ProviderError as exc:
             failure = exc
@@ -225,8 +223,8 @@ async def _idea_events(
             raise
         except Exception:  # it cannot be stored: say so, rather than end as if it were
             saved = True
-            logger.exception("could not store an idea", extra={"idea_id": str(draft.id)})
-            ending = [StreamEvent.error("not_stored", NOT_STORED, partial=bool(draft.parts))]
+            logger.exception("could not store an idea", extra={"idea_id": str(live.id)})
+            ending = [StreamEvent.error("not_stored", NOT_STORED, partial=bool(live.parts))]
         else:
             saved = True
             ending = _ending(saving.result(), failure, usage)
@@ -339,12 +337,12 @@ async def _save(
     stores no idea, only its usage, and gives the unit back, as a failure to open does."""
     usage = draft.usage_read()
     idea = Idea(
-        id=draft.id,
-        user_id=draft.user_id,
+        id=draft.live.id,
+        user_id=draft.live.user_id,
         created_at=draft.created_at,
         provider=draft.provider,
         model=draft.model,
-        content="".join(draft.parts),
+        content="".join(draft.live.parts),
         status="incomplete" if error else "complete",
         input_tokens=usage["input_tokens"],
         output_tokens=usage["output_tokens"],

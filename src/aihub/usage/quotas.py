@@ -21,9 +21,7 @@ from typing import Any, Literal, cast
 
 from sqlalchemy import Connection, Integer, String, Table, Uuid, bindparam, case, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.sql.dml import ReturningInsert
 
 from aihub.core.config import Settings
 from aihub.core.db import (
@@ -134,12 +132,8 @@ def take(
         "now": now,
         "cutoff": now - PERIOD,
     }
-    if DriverStatement.runs_on(connection):
-        row = _reserve_on_driver(connection.dialect).first(connection, parameters)
-        remaining = None if row is None else row[0]
-    else:
-        statement = _reserve_statement(connection.dialect.name)
-        remaining = connection.execute(statement, parameters).scalar_one_or_none()
+    row = _reserve_statement(connection.dialect.name).first(connection, parameters)
+    remaining = None if row is None else row[0]
     if remaining is None:
         current = balance(connection, user_id=user_id, product=product, policy=policy, now=now)
         assert current.next_reset_at is not None
@@ -297,22 +291,11 @@ class Balances:
             self._under_way.pop(key, None)
 
 
-_ON_DRIVER: dict[str, DriverStatement] = {}
-
-
-def _reserve_on_driver(dialect: Dialect) -> DriverStatement:
-    """The reservation for the writer thread's driver (`DriverStatement`), compiled once (per
-    driver: every engine has a dialect of its own)."""
-    if (statement := _ON_DRIVER.get(dialect.driver)) is None:
-        statement = DriverStatement(_reserve_statement(dialect.name), dialect)
-        _ON_DRIVER[dialect.driver] = statement
-    return statement
-
-
 @functools.cache
-def _reserve_statement(dialect: str) -> ReturningInsert[Any]:
+def _reserve_statement(dialect: str) -> DriverStatement:
     """The reservation: insert a new balance, or top up a due one and take the units from it,
-    only where enough is left. Built once per dialect: it runs before every generation."""
+    only where enough is left. Built once per dialect: it runs before every generation (on
+    SQLite's writer thread, on the driver's cursor)."""
     table = cast(Table, Quota.__table__)
     quota = table.c
     now = bindparam("now", type_=UTCDateTime())
@@ -320,7 +303,7 @@ def _reserve_statement(dialect: str) -> ReturningInsert[Any]:
     due = quota.last_reset_at <= bindparam("cutoff", type_=UTCDateTime())
     balance = case((due & (quota.remaining < daily), daily), else_=quota.remaining)
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    return (
+    return DriverStatement(
         insert(table)
         .values(
             user_id=bindparam("user_id", type_=Uuid()),
