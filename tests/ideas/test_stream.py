@@ -176,6 +176,38 @@ async def test_errors_before_the_stream_are_event_stream_text(
         assert_markdown_error(await read_stream(client, token), 403, "premium_subscription")
 
 
+async def test_a_wire_format_it_does_not_know_is_a_422_in_the_client_s_own_form(
+    served: Served,
+) -> None:
+    """`?format` is checked after the token (a stranger learns nothing about the route), as
+    Markdown for the original client, and never repeats what was sent."""
+    client = served.client
+    unknown = await client.get("/api?format=x%3Csecret%3E", headers=SSE_HEADERS)
+    assert_markdown_error(unknown, 401, "authenticated")
+    _, token = await create_user(client)
+    markdown = await read_stream(client, token, format="x<secret>")
+    assert_markdown_error(markdown, 422, "query.format: Input should be 'markdown' or 'json'")
+    assert "secret" not in markdown.text
+    # The last of repeated values counts, as for any query parameter.
+    twice = await client.get("/api?format=x&format=json", headers=bearer(token))
+    assert twice.status_code == 200
+    assert "event: delta" in twice.text  # the JSON variant's named events
+    assert "event: done" in twice.text
+
+
+async def test_the_stream_s_inputs_are_documented(served: Served) -> None:
+    operation = (await served.client.get("/openapi.json")).json()["paths"]["/api"]["get"]
+    assert operation["security"] == [{"HTTPBearer": []}]
+    parameters = {(p["in"], p["name"]): p for p in operation["parameters"]}
+    assert set(parameters) == {("query", "format"), ("header", "last-event-id")}
+    wire = parameters["query", "format"]
+    assert wire["required"] is False
+    assert wire["schema"]["enum"] == ["markdown", "json"]
+    assert wire["schema"]["default"] == "markdown"
+    assert parameters["header", "last-event-id"]["required"] is False
+    assert all(p["description"] for p in parameters.values())
+
+
 @pytest.mark.parametrize(
     ("upstream", "status", "words"),
     [(429, 429, "openai"), (500, 503, "openai"), (401, 502, "openai")],
