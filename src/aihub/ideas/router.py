@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Header, Query, Request
 from starlette.responses import Response
 
 from aihub.core.auth import AUTH_ERRORS, CurrentUser, require_plan
@@ -18,7 +18,7 @@ from aihub.core.sse import (
     unless_disconnected,
 )
 from aihub.ideas import resume, service
-from aihub.ideas.dependencies import STREAM_OPENAPI, IdeaCallerDep
+from aihub.ideas.dependencies import IdeaCallerDep
 from aihub.ideas.schemas import IdeaPage, IdeaRead
 
 router = APIRouter(tags=["ideas"])
@@ -70,14 +70,23 @@ def _stream_error_responses() -> dict[int | str, dict[str, Any]]:
     description=_STREAM_DESCRIPTION,
     response_class=Response,
     responses={200: {"content": {"text/event-stream": {}}}, **_stream_error_responses()},
-    openapi_extra=STREAM_OPENAPI,  # the caller's token, `?format` and `Last-Event-ID`
 )
-async def stream_idea(request: Request, caller: IdeaCallerDep) -> Response:
+async def stream_idea(
+    request: Request,
+    caller: IdeaCallerDep,
+    format: Annotated[
+        Literal["markdown", "json"], Query(description="Wire format of the stream")
+    ] = "markdown",
+    last_event_id: Annotated[
+        str | None,
+        Header(description="The last event id seen: the rest of that idea, at no charge"),
+    ] = None,
+) -> Response:
     started_at = time.perf_counter()
-    user, plan, ideas, format = caller.user, caller.plan, caller.ideas, caller.format
+    user, plan, ideas = caller.user, caller.plan, caller.ideas
     settings = ideas.settings
     require_plan(plan, settings.ideas_required_plan or None)
-    if (resuming := resume.parse_last_event_id(caller.last_event_id)) is not None:
+    if (resuming := resume.parse_last_event_id(last_event_id)) is not None:
         idea_id, position = resuming
         measure = str if format == "json" else MarkdownEventEncoder.normalised
         resumed = await service.resume_idea(
