@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import shutil
 import statistics
 import subprocess
@@ -25,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 from _support import ROOT, free_port, register, start, stop, wait_ready
-from stream_overhead import Arm, aihub_arm, direct_arm, run_burst
+from stream_overhead import Arm, aihub_arm, aihub_env, direct_arm, inherited_env, run_burst
 
 
 def checkout(revision: str, scratch: Path) -> Path:
@@ -62,11 +61,7 @@ async def main() -> int:
     args = parser.parse_args()
 
     scratch = Path(tempfile.mkdtemp(prefix="aihub-compare-"))
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("OPENAI_", "GEMINI_", "CLERK_")) and k not in ("DATABASE_URL",)
-    }
+    env = inherited_env()
     upstream_port = free_port()
     upstream = f"http://127.0.0.1:{upstream_port}"
     fake = ["-m", "tests.fakes.openai", "--port", str(upstream_port), "--tokens", "5"]
@@ -79,15 +74,8 @@ async def main() -> int:
             source = checkout(revision, scratch)
             bases[name] = f"http://127.0.0.1:{free_port()}"
             server_env = {
-                **env,
+                **aihub_env(env, upstream=upstream, data_dir=scratch / f"data-{name}"),
                 "PYTHONPATH": str(source),
-                "DATA_DIR": str(scratch / f"data-{name}"),
-                "OPENAI_API_KEY": "sk-bench-0000000000",
-                "OPENAI_BASE_URL": f"{upstream}/v1",
-                "LOG_LEVEL": "WARNING",
-                "AUTH_ALLOW_REGISTRATION": "true",
-                "PROVIDER_MAX_RETRIES": "0",
-                "IDEAS_DAILY_QUOTA": "1000000000",
             }
             command = [sys.executable, "-m", "aihub.cli", "serve"]
             command += ["--port", bases[name].rsplit(":", 1)[1]]

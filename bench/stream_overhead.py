@@ -99,6 +99,37 @@ async def measured(arm: Arm, upstream: int, burst: Awaitable[None]) -> None:
         arm.cpu[role] = arm.cpu.get(role, 0.0) + value - before[role]
 
 
+def inherited_env() -> dict[str, str]:
+    """This process's environment for the servers a benchmark starts, less the providers' and
+    the database's settings, which are the benchmark's (DATABASE_POOL_SIZE and DATABASE_ECHO
+    pass through, to tune aihub's pool)."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("OPENAI_", "GEMINI_", "CLERK_")) and k != "DATABASE_URL"
+    }
+
+
+def aihub_env(env: dict[str, str], *, upstream: str, data_dir: Path) -> dict[str, str]:
+    """`env` with what every aihub served here is given: the fake OpenAI `upstream` (for the
+    bring-your-own-key chat too), local accounts, no retries, and its limits on, as in
+    production, but large enough for every round."""
+    return {
+        **env,
+        "DATA_DIR": str(data_dir),
+        "OPENAI_API_KEY": "sk-bench-0000000000",
+        "OPENAI_BASE_URL": f"{upstream}/v1",
+        "BYOK_BASE_URL": f"{upstream}/v1",
+        "LOG_LEVEL": "WARNING",
+        "AUTH_ALLOW_REGISTRATION": "true",
+        "PROVIDER_MAX_RETRIES": "0",
+        # Every stream reserves a unit, as in production.
+        "IDEAS_DAILY_QUOTA": "1000000000",
+        "CHATS_DAILY_QUOTA": "1000000000",
+        "BYOK_RATE_LIMIT": "1000000/second",
+    }
+
+
 ArmSpec = tuple[
     Callable[[aiohttp.ClientSession], Awaitable[aiohttp.ClientResponse]],
     Callable[[bytes], bool] | None,
@@ -351,13 +382,7 @@ async def main() -> int:
     upstream = f"http://127.0.0.1:{upstream_port}"
     floor_url = f"http://127.0.0.1:{floor_port}"
     base = f"http://127.0.0.1:{aihub_port}"
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        # The providers' and the database's settings are the benchmark's (DATABASE_POOL_SIZE
-        # and DATABASE_ECHO pass through, to tune aihub's pool).
-        if not k.startswith(("OPENAI_", "GEMINI_", "CLERK_")) and k != "DATABASE_URL"
-    }
+    env = inherited_env()
     scratch = Path(tempfile.mkdtemp(prefix="aihub-bench-"))
     finished = False
     processes = [
@@ -379,27 +404,15 @@ async def main() -> int:
         start(
             [sys.executable, "-m", "aihub.cli", "serve", "--port", str(aihub_port)],
             {
-                **env,
-                "DATA_DIR": str(scratch / "data"),
+                **aihub_env(env, upstream=upstream, data_dir=scratch / "data"),
                 **({"DATABASE_URL": args.database_url} if args.database_url else {}),
-                "OPENAI_API_KEY": "sk-bench-0000000000",
-                "OPENAI_BASE_URL": f"{upstream}/v1",
-                "BYOK_BASE_URL": f"{upstream}/v1",
                 **(
                     {"GEMINI_API_KEY": "bench-gemini-key", "GEMINI_BASE_URL": upstream}
                     if chats
                     else {}
                 ),
-                "LOG_LEVEL": "WARNING",
-                "AUTH_ALLOW_REGISTRATION": "true",
-                "PROVIDER_MAX_RETRIES": "0",
                 "WEB_CONCURRENCY": str(args.workers),
-                # The quota stays on (every stream reserves a unit, as in production), just
-                # large enough for every round of the benchmark.
-                "IDEAS_DAILY_QUOTA": "unlimited" if args.no_quota else "1000000000",
-                "CHATS_DAILY_QUOTA": "1000000000",
-                # Likewise the per-client rate limit of the bring-your-own-key chat.
-                "BYOK_RATE_LIMIT": "1000000/second",
+                **({"IDEAS_DAILY_QUOTA": "unlimited"} if args.no_quota else {}),
             },
             scratch / "aihub.log",
         ),

@@ -126,9 +126,7 @@ async def start_idea(
     # The stored `Idea` is built when the idea ends (`_save`): an ORM object's construction
     # took 0.19 ms here, before the first token, on a path that runs cold once per stream.
     draft = _Draft(live, requested_at, opened.provider, opened.model)
-    events = _idea_events(
-        sessions, opened, draft, started=started, live=live, live_ideas=live_ideas
-    )
+    events = _idea_events(sessions, opened, draft, started=started, live_ideas=live_ideas)
     return IdeaStream(events, opened.provider, opened.model, live)
 
 
@@ -172,11 +170,11 @@ async def _idea_events(
     draft: _Draft,
     *,
     started: float,
-    live: LiveIdea,
     live_ideas: LiveIdeas,
 ) -> AsyncIterator[StreamEvent]:
-    """The idea's events, stored when they end however they end; `live` (in `live_ideas` while
-    the idea is written) lets a client that comes back follow it."""
+    """The idea's events, stored when they end however they end; its `LiveIdea` (in
+    `live_ideas` while the idea is written) lets a client that comes back follow it."""
+    live = draft.live
     live_ideas.add(live)
     failure: ProviderError | None = None
     finished = saved = False
