@@ -20,8 +20,10 @@ from aihub.core.auth import (
     Authenticator,
     ClerkIdentity,
     CurrentPlan,
+    Identity,
     LocalIdentity,
     OptionalUser,
+    UserCache,
     require_plan,
 )
 from aihub.core.config import ConfigError, Settings
@@ -465,6 +467,128 @@ async def test_users_are_cached_for_a_short_while(make_app: Any) -> None:
         expired = await served.client.get("/api/me", headers=bearer(token))
     assert cached.status_code == 200
     assert expired.status_code == 401
+
+
+def _user(email: str = "cached@example.com") -> User:
+    return User(id=uuid.uuid4(), email=email)
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _Loads:
+    """A user loader that counts its calls and waits to be let through."""
+
+    def __init__(self, *users: User | Exception) -> None:
+        self.results = list(users)
+        self.calls = 0
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def __call__(self, identity: Identity) -> User:
+        self.calls += 1
+        await self.gate.wait()
+        result = self.results[min(self.calls, len(self.results)) - 1]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+
+async def test_requests_that_miss_together_share_one_load() -> None:
+    cache, loads = UserCache(30), _Loads(_user())
+    identity = LocalIdentity(uuid.uuid4())
+    loads.gate.clear()
+    waiting = [asyncio.ensure_future(cache.user(identity, loads)) for _ in range(20)]
+    await asyncio.sleep(0.01)
+    waiting[0].cancel()  # one caller leaving does not stop the others' load
+    loads.gate.set()
+    users = await asyncio.gather(*waiting[1:])
+    assert loads.calls == 1
+    assert {id(user) for user in users} == {id(loads.results[0])}
+    assert await cache.user(identity, loads) is loads.results[0]  # cached now
+    assert loads.calls == 1
+
+
+async def test_an_entry_read_late_in_its_life_is_served_and_reloaded_behind() -> None:
+    first, second = _user(), _user()
+    clock = _Clock()
+    cache, loads = UserCache(30, clock=clock), _Loads(first, second)
+    identity = LocalIdentity(uuid.uuid4())
+    assert await cache.user(identity, loads) is first
+    clock.now += 14
+    assert await cache.user(identity, loads) is first  # young: not reloaded
+    assert loads.calls == 1
+
+    clock.now += 2
+    loads.gate.clear()
+    # Served at once, though the reload is held up; the readers meanwhile start no other.
+    served = [await cache.user(identity, loads) for _ in range(5)]
+    assert served == [first] * 5
+    await asyncio.sleep(0)
+    assert loads.calls == 2
+    loads.gate.set()
+    await asyncio.sleep(0.01)
+    clock.now += 20  # the first load would have expired by now; the reload has not
+    assert await cache.user(identity, loads) is second
+    assert loads.calls == 2
+
+
+async def test_a_reload_that_finds_the_user_gone_drops_the_entry() -> None:
+    clock = _Clock()
+    cache, loads = UserCache(30, clock=clock), _Loads(_user(), Unauthorized("Unknown user"))
+    identity = LocalIdentity(uuid.uuid4())
+    await cache.user(identity, loads)
+    clock.now += 20
+    await cache.user(identity, loads)  # served, and reloaded behind
+    await asyncio.sleep(0.01)
+    with pytest.raises(Unauthorized):
+        await cache.user(identity, loads)
+    assert loads.calls == 3
+
+
+async def test_a_reload_that_fails_leaves_the_entry_until_it_expires(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    user, clock = _user(), _Clock()
+    cache, loads = UserCache(30, clock=clock), _Loads(user, OSError("database down"))
+    identity = LocalIdentity(uuid.uuid4())
+    await cache.user(identity, loads)
+    clock.now += 20
+    assert await cache.user(identity, loads) is user
+    await asyncio.sleep(0.01)
+    assert await cache.user(identity, loads) is user  # a reload is due again: it fails again
+    await asyncio.sleep(0.01)
+    assert loads.calls == 3
+    assert "could not reload a cached user" in caplog.text
+    clock.now += 10
+    with pytest.raises(OSError, match="database down"):
+        await cache.user(identity, loads)
+
+
+async def test_clerk_tokens_with_other_claims_do_not_share_a_load() -> None:
+    cache, loads = UserCache(30), _Loads(_user(), _user())
+    loads.gate.clear()
+    free = asyncio.ensure_future(cache.user(ClerkIdentity("user_c"), loads))
+    paid = asyncio.ensure_future(cache.user(ClerkIdentity("user_c", plan="pro"), loads))
+    await asyncio.sleep(0.01)
+    loads.gate.set()
+    await asyncio.gather(free, paid)
+    assert loads.calls == 2
+
+
+async def test_closing_the_cache_stops_its_loads() -> None:
+    cache, loads = UserCache(30), _Loads(_user())
+    loads.gate.clear()
+    waiting = asyncio.ensure_future(cache.user(LocalIdentity(uuid.uuid4()), loads))
+    await asyncio.sleep(0.01)
+    await cache.aclose()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
 
 
 async def test_optional_user_and_plan_gate(make_app: Any, fake_clerk: FakeClerk) -> None:
