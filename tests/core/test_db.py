@@ -219,6 +219,30 @@ async def test_a_write_whose_caller_left_as_its_result_came_is_undone(tmp_path: 
         assert await _total(sessions) == 0
 
 
+async def test_a_submitted_write_is_on_its_way_at_once_and_undone_if_its_caller_left(
+    tmp_path: Path,
+) -> None:
+    """`submit_each` sends the write before it returns, with no task to wait a turn of the
+    loop for (a quota reservation committing while the provider's request goes out), and its
+    future's cancellation is its caller leaving."""
+    running, release = threading.Event(), threading.Event()
+
+    def reserve(connection: Connection) -> int:
+        n = _add(1)(connection)
+        running.set()
+        release.wait(10)
+        return n
+
+    async with _counter_sessions(tmp_path) as (sessions, _):
+        reserving = sessions.submit_each(reserve, undo=lambda n: _add(-n))
+        assert running.wait(5)  # the loop has not turned: the writer thread took it already
+        reserving.cancel()
+        release.set()
+        await sessions.write(_add(0))  # after the reversal
+        assert await _total(sessions) == 0
+        assert await sessions.submit_each(_add(5)) == 5
+
+
 async def test_a_write_after_the_sessions_closed_is_written_and_its_thread_released(
     tmp_path: Path,
 ) -> None:
@@ -324,6 +348,19 @@ async def test_a_write_each_whose_caller_left_is_undone(db_engine: AsyncEngine) 
         caller.cancel()  # while its job runs: the update is committed already
         with contextlib.suppress(asyncio.CancelledError):
             await caller
+        await sessions.aclose()  # waits for the reversal
+        assert await _read(sessions, table) == 0
+
+
+async def test_a_submitted_write_each_whose_caller_left_is_undone(db_engine: AsyncEngine) -> None:
+    async with _postgres_counter(db_engine) as (sessions, table):
+        reserving = sessions.submit_each(
+            _add_then_wait(table, 1, 0.3), undo=lambda n: _add_then_wait(table, -n, 0)
+        )
+        await asyncio.sleep(0.1)
+        reserving.cancel()  # while its job runs: the update is committed already
+        with contextlib.suppress(asyncio.CancelledError):
+            await reserving
         await sessions.aclose()  # waits for the reversal
         assert await _read(sessions, table) == 0
 

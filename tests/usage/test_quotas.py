@@ -298,11 +298,11 @@ async def test_concurrent_streams_bet_on_no_more_units_than_are_left(
 
 async def test_balances_bet_only_on_units_a_reservation_left_that_no_bet_counts_on() -> None:
     balances, user, other = quotas.Balances(capacity=2), uuid.uuid4(), uuid.uuid4()
-    commits: list[asyncio.Future[None]] = []
+    commits: list[asyncio.Future[quotas.Outcome]] = []
 
-    async def reservation() -> None:
+    def reservation() -> asyncio.Future[quotas.Outcome]:
         commits.append(asyncio.get_running_loop().create_future())
-        await commits[-1]
+        return commits[-1]
 
     assert balances.bet(user, "ideas", 1, reservation) is None  # nothing known
     balances.note(user, "ideas", 2)
@@ -314,17 +314,24 @@ async def test_balances_bet_only_on_units_a_reservation_left_that_no_bet_counts_
     assert balances.bet(user, "chats", 1, reservation) is None  # per product
     settled = asyncio.ensure_future(balances.settled(user, "ideas"))
     await asyncio.sleep(0)
-    balances.note(user, "ideas", 1)  # the first committed, leaving 1, which the second counts on
-    commits[0].set_result(None)
-    await first
+    commits[0].set_result(1)  # the first committed, leaving 1, which the second counts on
+    await asyncio.sleep(0)  # its outcome is noted as it ends
+    assert balances.left(user, "ideas") == 1
     assert balances.bet(user, "ideas", 1, reservation) is None
     assert not settled.done()  # the second is still under way
-    balances.note(user, "ideas", 0)
-    commits[1].set_result(None)
-    await second
+    commits[1].set_result(0)
+    await asyncio.sleep(0)
     await asyncio.wait_for(settled, 1)
+    assert balances.left(user, "ideas") == 0
     assert balances.bet(user, "ideas", 1, reservation) is None
     await balances.settled(user, "ideas")  # none under way: at once
+
+    balances.note(user, "ideas", 5)
+    refused = balances.bet(user, "ideas", 1, reservation)
+    assert refused is not None
+    commits[-1].set_result(quotas.QuotaExceeded("ideas", retry_after=60))  # another took them
+    await asyncio.sleep(0)
+    assert balances.left(user, "ideas") == 0
 
     balances.note(other, "ideas", 5)
     balances.note(user, "ideas", 5)  # noted last: `other` is now the oldest

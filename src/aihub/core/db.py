@@ -206,6 +206,13 @@ class AppSessions(async_sessionmaker[AsyncSession]):
             reversing.add_done_callback(self._undoing.discard)
             raise
 
+    def submit_each(
+        self, job: Job[T], *, undo: Callable[[T], Job[Any] | None] | None = None
+    ) -> asyncio.Future[T]:
+        """`write_each`, started now: its outcome as a future, which a caller that stops
+        waiting cancels (`undo` then reverses the job once it has run)."""
+        return asyncio.ensure_future(self.write_each(job, undo=undo))
+
     async def _run_autocommitted(self, job: Job[T]) -> T:
         async with self._autocommit.connect() as connection:
             return await connection.run_sync(job)
@@ -303,13 +310,10 @@ class _SQLiteSessions(AppSessions):
             self._send_batch()  # what queued up meanwhile
 
     async def write(self, job: Job[T], *, undo: Callable[[T], Job[Any] | None] | None = None) -> T:
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        write = _Write(job, future, undo)
-        self._queued.append(write)
-        self._send_batch()
-        # Cancelled while queued, the job is dropped; cancelled once it ran, `undo` runs.
+        write = self._queue(job, undo)
+        future = write.future
         try:
-            return await write.future
+            return await future
         except asyncio.CancelledError:
             if future.done() and not future.cancelled() and future.exception() is None:
                 # The result came in the same turn as the cancellation, which won: this caller
@@ -321,6 +325,20 @@ class _SQLiteSessions(AppSessions):
         self, job: Job[T], *, undo: Callable[[T], Job[Any] | None] | None = None
     ) -> T:
         return await self.write(job, undo=undo)
+
+    def submit_each(
+        self, job: Job[T], *, undo: Callable[[T], Job[Any] | None] | None = None
+    ) -> asyncio.Future[T]:
+        # The write's own future: no task in between (under load, a task's first step waits a
+        # whole turn of the event loop, and so does the wake-up of whoever awaits it).
+        return self._queue(job, undo).future
+
+    def _queue(self, job: Job[T], undo: Callable[[T], Job[Any] | None] | None) -> _Write[T]:
+        """Queue the write (cancelled while queued, it is dropped; once it ran, `undo` runs)."""
+        write = _Write(job, asyncio.get_running_loop().create_future(), undo)
+        self._queued.append(write)
+        self._send_batch()
+        return write
 
     async def aclose(self) -> None:
         await super().aclose()

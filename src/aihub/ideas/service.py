@@ -130,15 +130,10 @@ async def start_idea(
     return IdeaStream(events, opened.provider, opened.model, live)
 
 
-async def _refusal(reserving: asyncio.Future[None] | None) -> BaseException | None:
+async def _refusal(reserving: quotas.Reservation | None) -> BaseException | None:
     """Why a reservation left to commit (`quotas.reserve_ahead`) took nothing, once it is done;
     None if it took its units (or was done before)."""
-    if reserving is None:
-        return None
-    await asyncio.wait([reserving])
-    if reserving.cancelled():
-        return asyncio.CancelledError()  # its undo gives the units back once committed
-    return reserving.exception()
+    return None if reserving is None else await reserving.refusal()
 
 
 def _ms_since(started: float) -> int:

@@ -14,7 +14,7 @@ import asyncio
 import functools
 import math
 import uuid
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal, cast
@@ -157,25 +157,74 @@ async def reserve_with(
     waiting once the reservation is committed, the units are given back."""
     if policy is None:
         return None
+    outcome = await _reservation(
+        sessions, user_id=user_id, product=product, policy=policy, now=now, units=units
+    )
+    if isinstance(outcome, QuotaExceeded):
+        raise outcome
+    return outcome
 
-    def taken(connection: Connection) -> int | QuotaExceeded | None:
+
+Outcome = int | QuotaExceeded
+"""A reservation's outcome: what it left, or why it took nothing."""
+
+
+def _reservation(
+    sessions: AppSessions,
+    *,
+    user_id: uuid.UUID,
+    product: Product,
+    policy: QuotaPolicy,
+    now: datetime,
+    units: int,
+) -> asyncio.Future[Outcome]:
+    """The reservation's write, started; cancelling the future gives the units back once they
+    are taken."""
+
+    def taken(connection: Connection) -> Outcome:
         try:
-            return take(
+            remaining = take(
                 connection, user_id=user_id, product=product, policy=policy, now=now, units=units
             )
         except QuotaExceeded as exc:
             return exc  # an answer, not a failure: nothing was written
+        assert remaining is not None  # a policy was given
+        return remaining
 
-    def give_back_if_taken(outcome: int | QuotaExceeded | None) -> Job[None] | None:
+    def give_back_if_taken(outcome: Outcome) -> Job[None] | None:
         if isinstance(outcome, QuotaExceeded):
             return None
         return functools.partial(give_back, user_id=user_id, product=product, units=units)
 
     # Each statement of `take` is atomic on its own (see `AppSessions.write_each`).
-    outcome = await sessions.write_each(taken, undo=give_back_if_taken)
-    if isinstance(outcome, QuotaExceeded):
-        raise outcome
-    return outcome
+    return sessions.submit_each(taken, undo=give_back_if_taken)
+
+
+class Reservation:
+    """A reservation committing while its caller goes on (`reserve_ahead`). Awaiting it waits
+    for the commit, and raises `QuotaExceeded` if it took nothing; cancelling the task that
+    awaits it gives the units back once they are taken."""
+
+    def __init__(self, outcome: asyncio.Future[Outcome]) -> None:
+        self._outcome = outcome
+
+    def __await__(self) -> Generator[Any, None, None]:
+        # The write's own future, awaited directly: a task in between (or a callback settling
+        # a future of its own) costs the reservation a turn of the event loop, which under
+        # load is milliseconds of the stream's first token.
+        outcome = yield from self._outcome.__await__()
+        if isinstance(outcome, QuotaExceeded):
+            raise outcome
+
+    async def refusal(self) -> BaseException | None:
+        """Why it took nothing, once it has ended however it ends; None if it took its units."""
+        await asyncio.wait([self._outcome])
+        if self._outcome.cancelled():
+            return asyncio.CancelledError()  # its undo gives the units back once committed
+        if (error := self._outcome.exception()) is not None:
+            return error
+        outcome = self._outcome.result()
+        return outcome if isinstance(outcome, QuotaExceeded) else None
 
 
 async def reserve_ahead(
@@ -187,11 +236,11 @@ async def reserve_ahead(
     policy: QuotaPolicy | None,
     now: datetime,
     units: int = 1,
-) -> asyncio.Future[None] | None:
+) -> Reservation | None:
     """`reserve_with`, done before returning (None), unless the user's last reservation here
     left enough: then it is left to commit while the caller goes on (the provider's request is
-    sent meanwhile), and its outcome is the future's, which the caller must await before any
-    output reaches the user (cancelling it gives the units back once committed).
+    sent meanwhile), and the caller must await the `Reservation` before any output reaches the
+    user.
 
     A reservation is a write (on SQLite a trip to the writer thread and back, on PostgreSQL a
     round trip): ~0.5-1 ms of every stream's first token, spent while the process has nothing
@@ -200,24 +249,17 @@ async def reserve_ahead(
     if policy is None:
         return None
 
-    async def reservation() -> None:
-        """The reservation, telling `balances` what it left."""
-        try:
-            left = await reserve_with(
-                sessions, user_id=user_id, product=product, policy=policy, now=now, units=units
-            )
-        except QuotaExceeded:
-            balances.note(user_id, product, 0)
-            raise
-        if left is not None:
-            balances.note(user_id, product, left)
+    def reservation() -> asyncio.Future[Outcome]:
+        return _reservation(
+            sessions, user_id=user_id, product=product, policy=policy, now=now, units=units
+        )
 
     if (reserving := balances.bet(user_id, product, units, reservation)) is not None:
-        return reserving
+        return Reservation(reserving)
     # Reservations under way may count on what is left: one that this overtook could lose its
     # unit to it, after its provider call was made.
     await balances.settled(user_id, product)
-    await balances.track(user_id, product, units, reservation)
+    await Reservation(balances.track(user_id, product, units, reservation))
     return None
 
 
@@ -234,15 +276,15 @@ class Balances:
     def __init__(self, capacity: int = 10_000) -> None:
         self._capacity = capacity
         self._left: dict[tuple[uuid.UUID, Product], int] = {}
-        self._under_way: dict[tuple[uuid.UUID, Product], dict[asyncio.Future[None], int]] = {}
+        self._under_way: dict[tuple[uuid.UUID, Product], dict[asyncio.Future[Outcome], int]] = {}
 
     def bet(
         self,
         user_id: uuid.UUID,
         product: Product,
         units: int,
-        reservation: Callable[[], Coroutine[Any, Any, None]],
-    ) -> asyncio.Future[None] | None:
+        reservation: Callable[[], asyncio.Future[Outcome]],
+    ) -> asyncio.Future[Outcome] | None:
         """`reservation` started (`track`), if `units` are left beyond those the reservations
         under way take; else None."""
         under_way = self._under_way.get((user_id, product), {})
@@ -255,11 +297,12 @@ class Balances:
         user_id: uuid.UUID,
         product: Product,
         units: int,
-        reservation: Callable[[], Coroutine[Any, Any, None]],
-    ) -> asyncio.Future[None]:
-        """`reservation` started as a task, counted as taking `units` until it ends."""
+        reservation: Callable[[], asyncio.Future[Outcome]],
+    ) -> asyncio.Future[Outcome]:
+        """`reservation` started, counted as taking `units` until it ends; what it leaves is
+        noted then."""
         key = (user_id, product)
-        reserving = asyncio.ensure_future(reservation())
+        reserving = reservation()
         self._under_way.setdefault(key, {})[reserving] = units
         reserving.add_done_callback(functools.partial(self._ended, key))
         return reserving
@@ -284,7 +327,10 @@ class Balances:
         """What the last reservation here left (None: none is known)."""
         return self._left.get((user_id, product))
 
-    def _ended(self, key: tuple[uuid.UUID, Product], reserving: asyncio.Future[None]) -> None:
+    def _ended(self, key: tuple[uuid.UUID, Product], reserving: asyncio.Future[Outcome]) -> None:
+        if not reserving.cancelled() and reserving.exception() is None:
+            outcome = reserving.result()
+            self.note(*key, 0 if isinstance(outcome, QuotaExceeded) else outcome)
         under_way = self._under_way.get(key, {})
         under_way.pop(reserving, None)
         if not under_way:
