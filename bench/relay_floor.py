@@ -8,7 +8,10 @@ client as plain text. No framework, no SDK, no auth, no database, no validation,
 handled: nothing a product needs, so what it costs is what the machine charges any Python relay
 for the same streams. With `--sdk` it opens the upstream as aihub does, through the official
 `openai` SDK (its generic `post` over its aiohttp client, the body read raw), to show what the
-SDK alone adds. Benchmarks only.
+SDK alone adds. Its connections to the upstream stay open while idle as long as aihub's do
+(`IDLE_CONNECTION_SECONDS`): with `--floor` a round of lone streams takes longer than that, and a
+floor that kept its connection while aihub opened a new one gained ~1 ms on aihub per stream.
+Benchmarks only.
 """
 
 from __future__ import annotations
@@ -18,9 +21,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import httpx2
 import openai
 import orjson
 import uvicorn
+
+from aihub.providers.openai import IDLE_CONNECTION_SECONDS
 
 BODY = orjson.dumps(
     {
@@ -42,7 +48,13 @@ class Relay:
                 api_key="sk-bench-0000000000",
                 base_url=f"{upstream}/v1",
                 max_retries=0,
-                http_client=openai.DefaultAioHttpClient(),
+                http_client=openai.DefaultAioHttpClient(
+                    limits=httpx2.Limits(
+                        max_connections=1000,
+                        max_keepalive_connections=100,
+                        keepalive_expiry=IDLE_CONNECTION_SECONDS,
+                    )
+                ),
             )
             if sdk
             else None
@@ -64,7 +76,8 @@ class Relay:
             return
         if self.session is None:
             self.session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0), cookie_jar=aiohttp.DummyCookieJar()
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=IDLE_CONNECTION_SECONDS),
+                cookie_jar=aiohttp.DummyCookieJar(),
             )
         async with self.session.post(self.url, data=BODY, headers=HEADERS) as upstream:
             async for chunk in upstream.content.iter_any():

@@ -40,13 +40,20 @@ from aihub.providers.base import (
 )
 from aihub.providers.http import aiohttp_transport, body_reader
 
+IDLE_CONNECTION_SECONDS = 4.0
+"""How long an idle connection to the upstream is kept: uvicorn, which most OpenAI-compatible
+servers run on (vLLM, LiteLLM), closes them after 5 s, and a request sent on one it is closing
+fails."""
+
 
 def _http_client() -> httpx2.AsyncClient:
     """The SDK's aiohttp-backed client (`aiohttp_transport`), keeping no cookies at either
     layer (the SDK's default client keeps them: aiohttp's jar stores them, httpx2's too)."""
-    # Idle connections go after 4 s: uvicorn, which most OpenAI-compatible servers run on (vLLM,
-    # LiteLLM), closes them after 5 s, and a request sent on one it is closing fails.
-    limits = httpx2.Limits(max_connections=1000, max_keepalive_connections=100, keepalive_expiry=4)
+    limits = httpx2.Limits(
+        max_connections=1000,
+        max_keepalive_connections=100,
+        keepalive_expiry=IDLE_CONNECTION_SECONDS,
+    )
     ssl_context = httpx2.create_ssl_context()  # now, at start-up: it reads the CA bundle
     return openai.DefaultAioHttpClient(
         limits=limits,
