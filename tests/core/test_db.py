@@ -170,7 +170,9 @@ async def test_a_write_whose_caller_left_before_it_ran_is_dropped(tmp_path: Path
         assert await _total(sessions) == 11
 
 
-async def test_a_write_whose_caller_left_after_it_ran_is_undone(tmp_path: Path) -> None:
+def _held_reservation() -> tuple[Callable[[Connection], int], threading.Event, threading.Event]:
+    """A job adding 1 that then holds the writer thread: the job, set once it added, and what
+    lets it return."""
     running, release = threading.Event(), threading.Event()
 
     def reserve(connection: Connection) -> int:
@@ -179,12 +181,18 @@ async def test_a_write_whose_caller_left_after_it_ran_is_undone(tmp_path: Path) 
         release.wait(10)
         return n
 
-    def give_back(n: int) -> Callable[[Connection], int]:
-        assert n == 1
-        return _add(-1)
+    return reserve, running, release
 
+
+def _give_back(n: int) -> Callable[[Connection], int]:
+    assert n == 1
+    return _add(-1)
+
+
+async def test_a_write_whose_caller_left_after_it_ran_is_undone(tmp_path: Path) -> None:
+    reserve, running, release = _held_reservation()
     async with _counter_sessions(tmp_path) as (sessions, _):
-        caller = asyncio.create_task(sessions.write(reserve, undo=give_back))
+        caller = asyncio.create_task(sessions.write(reserve, undo=_give_back))
         await asyncio.to_thread(running.wait, 10)
         caller.cancel()  # while its job runs: too late to drop it
         release.set()
@@ -198,13 +206,8 @@ async def test_a_write_whose_caller_left_as_its_result_came_is_undone(tmp_path: 
     """The result is set and its caller is cancelled in the same turn of the loop (a client
     that leaves as its quota reservation commits): the caller never sees the result, so the
     write is reversed all the same."""
-
-    def give_back(n: int) -> Callable[[Connection], int]:
-        assert n == 1
-        return _add(-1)
-
     async with _counter_sessions(tmp_path) as (sessions, _):
-        caller = asyncio.create_task(sessions.write(_add(1), undo=give_back))
+        caller = asyncio.create_task(sessions.write(_add(1), undo=_give_back))
         settle = sessions._settle  # type: ignore[attr-defined]
 
         def settle_then_cancel(*args: Any) -> None:
@@ -225,16 +228,9 @@ async def test_a_submitted_write_is_on_its_way_at_once_and_undone_if_its_caller_
     """`submit_each` sends the write before it returns, with no task to wait a turn of the
     loop for (a quota reservation committing while the provider's request goes out), and its
     future's cancellation is its caller leaving."""
-    running, release = threading.Event(), threading.Event()
-
-    def reserve(connection: Connection) -> int:
-        n = _add(1)(connection)
-        running.set()
-        release.wait(10)
-        return n
-
+    reserve, running, release = _held_reservation()
     async with _counter_sessions(tmp_path) as (sessions, _):
-        reserving = sessions.submit_each(reserve, undo=lambda n: _add(-n))
+        reserving = sessions.submit_each(reserve, undo=_give_back)
         assert running.wait(5)  # the loop has not turned: the writer thread took it already
         reserving.cancel()
         release.set()
@@ -335,32 +331,27 @@ async def test_each_statement_of_a_write_each_is_committed_as_it_runs(
         assert await job == 1
 
 
-async def test_a_write_each_whose_caller_left_is_undone(db_engine: AsyncEngine) -> None:
+@pytest.mark.parametrize("submitted", [False, True], ids=["awaited", "submitted"])
+async def test_a_write_each_whose_caller_left_is_undone(
+    db_engine: AsyncEngine, submitted: bool
+) -> None:
+    """Whether its caller's task is cancelled (`write_each`) or its future (`submit_each`)."""
+
     def give_back(n: int) -> Callable[[Connection], int]:
         assert n == 1
         return _add_then_wait(table, -1, 0)
 
     async with _postgres_counter(db_engine) as (sessions, table):
-        caller = asyncio.create_task(
-            sessions.write_each(_add_then_wait(table, 1, 0.3), undo=give_back)
+        job = _add_then_wait(table, 1, 0.3)
+        caller = (
+            sessions.submit_each(job, undo=give_back)
+            if submitted
+            else asyncio.create_task(sessions.write_each(job, undo=give_back))
         )
         await asyncio.sleep(0.1)
         caller.cancel()  # while its job runs: the update is committed already
         with contextlib.suppress(asyncio.CancelledError):
             await caller
-        await sessions.aclose()  # waits for the reversal
-        assert await _read(sessions, table) == 0
-
-
-async def test_a_submitted_write_each_whose_caller_left_is_undone(db_engine: AsyncEngine) -> None:
-    async with _postgres_counter(db_engine) as (sessions, table):
-        reserving = sessions.submit_each(
-            _add_then_wait(table, 1, 0.3), undo=lambda n: _add_then_wait(table, -n, 0)
-        )
-        await asyncio.sleep(0.1)
-        reserving.cancel()  # while its job runs: the update is committed already
-        with contextlib.suppress(asyncio.CancelledError):
-            await reserving
         await sessions.aclose()  # waits for the reversal
         assert await _read(sessions, table) == 0
 
