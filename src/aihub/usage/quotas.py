@@ -157,9 +157,8 @@ async def reserve_with(
     waiting once the reservation is committed, the units are given back."""
     if policy is None:
         return None
-    outcome = await _reservation(
-        sessions, user_id=user_id, product=product, policy=policy, now=now, units=units
-    )
+    job, undo = _reservation(user_id=user_id, product=product, policy=policy, now=now, units=units)
+    outcome = await sessions.write_each(job, undo=undo)
     if isinstance(outcome, QuotaExceeded):
         raise outcome
     return outcome
@@ -170,16 +169,11 @@ Outcome = int | QuotaExceeded
 
 
 def _reservation(
-    sessions: AppSessions,
-    *,
-    user_id: uuid.UUID,
-    product: Product,
-    policy: QuotaPolicy,
-    now: datetime,
-    units: int,
-) -> asyncio.Future[Outcome]:
-    """The reservation's write, started; cancelling the future gives the units back once they
-    are taken."""
+    *, user_id: uuid.UUID, product: Product, policy: QuotaPolicy, now: datetime, units: int
+) -> tuple[Job[Outcome], Callable[[Outcome], Job[None] | None]]:
+    """The reservation's write, and what reverses it (for a caller that stopped waiting once it
+    was committed). Each statement of `take` is atomic on its own (see
+    `AppSessions.write_each`)."""
 
     def taken(connection: Connection) -> Outcome:
         try:
@@ -196,8 +190,7 @@ def _reservation(
             return None
         return functools.partial(give_back, user_id=user_id, product=product, units=units)
 
-    # Each statement of `take` is atomic on its own (see `AppSessions.write_each`).
-    return sessions.submit_each(taken, undo=give_back_if_taken)
+    return taken, give_back_if_taken
 
 
 class Reservation:
@@ -250,9 +243,10 @@ async def reserve_ahead(
         return None
 
     def reservation() -> asyncio.Future[Outcome]:
-        return _reservation(
-            sessions, user_id=user_id, product=product, policy=policy, now=now, units=units
+        job, undo = _reservation(
+            user_id=user_id, product=product, policy=policy, now=now, units=units
         )
+        return sessions.submit_each(job, undo=undo)
 
     if (reserving := balances.bet(user_id, product, units, reservation)) is not None:
         return Reservation(reserving)
