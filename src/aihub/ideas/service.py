@@ -90,7 +90,8 @@ async def start_idea(
             await reserving
     except BaseException as exc:
         with anyio.CancelScope(shield=True):
-            refusal = await _refusal(reserving)
+            # None: it took its units (or was done before `reserve_ahead` returned).
+            refusal = None if reserving is None else await reserving.refusal()
             if opened is not None:
                 await opened.aclose()
             async with sessions.begin() as session:
@@ -128,12 +129,6 @@ async def start_idea(
     draft = _Draft(live, requested_at, opened.provider, opened.model)
     events = _idea_events(sessions, opened, draft, started=started, live_ideas=live_ideas)
     return IdeaStream(events, opened.provider, opened.model, live)
-
-
-async def _refusal(reserving: quotas.Reservation | None) -> BaseException | None:
-    """Why a reservation left to commit (`quotas.reserve_ahead`) took nothing, once it is done;
-    None if it took its units (or was done before)."""
-    return None if reserving is None else await reserving.refusal()
 
 
 def _ms_since(started: float) -> int:
