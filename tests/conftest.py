@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from aihub.core.clock import Clock
 from aihub.core.config import Settings
 from aihub.core.db import Base, create_engine
+from aihub.core.server import uvicorn_options
 from aihub.main import create_app
 from tests.fakes.server import serve
 
@@ -172,7 +173,7 @@ def make_app(make_settings: Callable[..., Settings]) -> MakeApp:
         settings = make_settings(**overrides)
         app = create_app(settings) if clock is None else create_app(settings, clock=clock)
         async with (
-            serve(app) as base_url,
+            serve(app, **uvicorn_options(settings)) as base_url,
             httpx.AsyncClient(base_url=base_url, timeout=15) as client,
         ):
             yield Served(app, settings, base_url, client)

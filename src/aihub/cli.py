@@ -182,6 +182,7 @@ def serve(
     import uvicorn
 
     from aihub.core.logging import configure_logging
+    from aihub.core.server import uvicorn_options
     from aihub.main import create_app
 
     settings = _settings()
@@ -212,12 +213,9 @@ def serve(
         if workers > 1
         else create_app(settings, freeze_gc=True),
         **options,
+        **uvicorn_options(settings),
         host=host or settings.host,
         port=port or settings.port,
-        log_config=None,
-        access_log=False,
-        proxy_headers=False,
-        timeout_graceful_shutdown=settings.shutdown_grace_seconds,
     )
 
 

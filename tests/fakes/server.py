@@ -6,14 +6,16 @@ import asyncio
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 @asynccontextmanager
-async def serve(app: ASGIApp, *, lifespan: str = "on") -> AsyncIterator[str]:
-    """Yield the base URL (`http://127.0.0.1:PORT`) of `app` served by a real uvicorn."""
+async def serve(app: ASGIApp, *, lifespan: str = "on", **options: Any) -> AsyncIterator[str]:
+    """Yield the base URL (`http://127.0.0.1:PORT`) of `app` served by a real uvicorn, with
+    uvicorn's `options` over these (aihub's own: `aihub.core.server.uvicorn_options`)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     # Accepted connections inherit it: without it, Nagle and delayed ACKs cost ~40 ms a request.
@@ -22,11 +24,14 @@ async def serve(app: ASGIApp, *, lifespan: str = "on") -> AsyncIterator[str]:
     port = sock.getsockname()[1]
     config = uvicorn.Config(
         app,
-        log_config=None,
-        lifespan=lifespan,  # type: ignore[arg-type]
-        timeout_graceful_shutdown=2,
-        access_log=False,
-        proxy_headers=False,  # as `aihub serve`: aihub decides whom to believe (TRUSTED_PROXIES)
+        **{
+            "log_config": None,
+            "access_log": False,
+            "proxy_headers": False,  # as `aihub serve`: aihub decides whom to believe
+            **options,
+            "lifespan": lifespan,
+            "timeout_graceful_shutdown": 2,
+        },
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server._serve(sockets=[sock]))

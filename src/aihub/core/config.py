@@ -67,6 +67,10 @@ class Settings(BaseSettings):
     public_base_url: str | None = None
     cors_origins: CommaList = Field(default_factory=lambda: list(DEFAULT_CORS_ORIGINS))
     max_request_body_bytes: int = Field(default=1_048_576, ge=1024)
+    max_request_header_bytes: int = Field(default=32_768, ge=1024)
+    """A request's head (its request line and headers) larger than this gets 431 (414 when its
+    target alone is): a proxy's usual limit (nginx takes 4 lines of 8 KiB), so that a client's
+    cookies and tokens fit, and a client cannot make the server keep headers without end."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] = "json"
     sse_keepalive_seconds: float = Field(default=15.0, gt=0)

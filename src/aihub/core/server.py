@@ -1,0 +1,139 @@
+"""The HTTP server: uvicorn as every aihub process runs it, with a limit on request heads.
+
+uvicorn's httptools protocol (the fast one, and the one `uvicorn[standard]` picks) keeps a
+request's head, its request line and headers, however long it grows: 10 MB of headers were
+answered 200, and a client that sends headers without end makes the server keep them all.
+uvicorn's h11 protocol has a limit (`h11_max_incomplete_event_size`); `HeadLimitedProtocol` is
+the httptools protocol with that same limit, from that same option (`MAX_REQUEST_HEADER_BYTES`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import orjson
+from uvicorn.config import Config
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from aihub.core.config import Settings
+
+logger = logging.getLogger("aihub.server")
+
+H11_DEFAULT_MAX_HEAD_BYTES = 16 * 1024
+"""h11's own limit, when uvicorn is given none."""
+
+_REFUSALS = {
+    414: ("uri_too_long", "The request's target is longer than {} bytes"),
+    431: ("request_header_fields_too_large", "The request's headers are larger than {} bytes"),
+}
+
+
+class _HeadTooLarge(Exception):
+    """Raised in a parser callback to stop the parser: uvicorn then logs "Invalid HTTP request
+    received." and calls `send_400_response`, which sends the refusal instead."""
+
+
+class HeadLimitedProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, refusing a request whose head is larger than the server's
+    `h11_max_incomplete_event_size` (h11's own default if unset): 414 when its target alone is,
+    else 431, as JSON (`{"error", "detail"}`), and the connection is closed.
+
+    The parts the parser hands over (the target as it arrives, each header once whole) are
+    counted as they come. A header still arriving is kept by the parser, out of sight, so the
+    bytes received since the head began are counted too: a head that is not complete once
+    that many bytes have come is refused then, before any more of it is kept.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self.max_head_bytes = config.h11_max_incomplete_event_size or H11_DEFAULT_MAX_HEAD_BYTES
+        self._received: int | None = 0
+        """Bytes received since the current request's head began; None while its body is."""
+        self._parsed = 0
+        """Bytes of the current head's target and header fields, as the parser gave them."""
+        self._refusal: int | None = None
+        """The status the request was refused with."""
+
+    def data_received(self, data: bytes) -> None:
+        if self._received is not None:
+            self._received += len(data)
+        super().data_received(data)
+        if (
+            self._received is not None  # the head is not complete yet
+            and self._received > self.max_head_bytes
+            and self._refusal is None
+        ):
+            self._refuse(431)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._parsed = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._parsed += len(url)
+        if self._parsed > self.max_head_bytes:
+            self._refusal = 414
+            raise _HeadTooLarge
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._parsed += len(name) + len(value) + 4  # ": " and the line's end
+        if self._parsed > self.max_head_bytes:
+            self._refusal = 431
+            raise _HeadTooLarge
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._received = None
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._received = 0  # the next request's head may follow on this connection
+        super().on_message_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        if self._refusal is None:
+            super().send_400_response(msg)
+        else:
+            self._refuse(self._refusal)
+
+    def _refuse(self, status: int) -> None:
+        self._refusal = status
+        code, detail = _REFUSALS[status]
+        body = orjson.dumps({"error": code, "detail": detail.format(self.max_head_bytes)})
+        logger.warning(
+            "refused a request whose head is larger than %d bytes",
+            self.max_head_bytes,
+            extra={"status": status, "client": self.client[0] if self.client else None},
+        )
+        head = [STATUS_LINE[status]]
+        for name, value in self.server_state.default_headers:
+            head += [name, b": ", value, b"\r\n"]
+        head += [
+            b"content-type: application/json\r\n",
+            b"content-length: %d\r\n" % len(body),
+            b"connection: close\r\n\r\n",
+        ]
+        self.transport.write(b"".join(head) + body)
+        self.transport.close()
+
+
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """The options every aihub server runs uvicorn with, `aihub serve` and the tests' alike."""
+    return {
+        "http": HeadLimitedProtocol,
+        "h11_max_incomplete_event_size": settings.max_request_header_bytes,
+        "log_config": None,
+        "access_log": False,  # aihub logs its own (`aihub.access`)
+        "proxy_headers": False,  # aihub decides whom to believe (TRUSTED_PROXIES)
+        "timeout_graceful_shutdown": settings.shutdown_grace_seconds,
+    }

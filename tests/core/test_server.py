@@ -1,0 +1,160 @@
+"""The server's limit on request heads, over raw sockets (an HTTP client would refuse to send
+most of these requests)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from urllib.parse import urlsplit
+
+import orjson
+import pytest
+
+from tests.conftest import MakeApp, Served
+
+LIMIT = 4096
+
+
+@contextlib.asynccontextmanager
+async def connection(served: Served):  # type: ignore[no-untyped-def]
+    url = urlsplit(served.base_url)
+    reader, writer = await asyncio.open_connection(url.hostname, url.port)
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    """One response: status, headers, body (by its `content-length`)."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    status_line, *lines = head.decode("latin-1").rstrip("\r\n").split("\r\n")
+    headers = {
+        name.lower(): value.strip() for name, value in (line.split(":", 1) for line in lines)
+    }
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return int(status_line.split()[1]), headers, body
+
+
+def get(target: str = "/api/health", *headers: str) -> bytes:
+    lines = [f"GET {target} HTTP/1.1", "Host: test", *headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+@pytest.fixture
+async def limited(make_app: MakeApp):  # type: ignore[no-untyped-def]
+    async with make_app(max_request_header_bytes=LIMIT) as served:
+        yield served
+
+
+async def test_a_head_within_the_limit_is_served(limited: Served) -> None:
+    # Headers adding up to just under the limit, in one write and again byte by byte.
+    filler = [f"X-Filler-{i}: {'v' * 80}" for i in range((LIMIT - 200) // 96)]
+    request = get("/api/health", *filler)
+    assert len(request) < LIMIT
+    async with connection(limited) as (reader, writer):
+        writer.write(request)
+        status, _, body = await response(reader)
+        assert status == 200
+        assert orjson.loads(body)["status"] == "ok"
+        for byte in request:  # the same again on the same connection, one byte per write
+            writer.write(bytes([byte]))
+            await writer.drain()
+        status, _, _ = await response(reader)
+        assert status == 200
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "code"),
+    [
+        (get("/api/health", *[f"X-Filler-{i}: {'v' * 80}" for i in range(60)]), 431, None),
+        (get("/api/health", f"Cookie: session={'c' * LIMIT}"), 431, None),
+        (get(f"/api/health?q={'q' * LIMIT}"), 414, "uri_too_long"),
+    ],
+    ids=["many headers", "one long header", "long target"],
+)
+async def test_a_head_over_the_limit_is_refused_and_the_connection_closed(
+    limited: Served,
+    request_bytes: bytes,
+    status: int,
+    code: str | None,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with connection(limited) as (reader, writer):
+        writer.write(request_bytes)
+        got, headers, body = await response(reader)
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the server
+    assert got == status
+    assert headers["content-type"] == "application/json"
+    assert headers["connection"] == "close"
+    error = orjson.loads(body)
+    assert error == {
+        "error": code or "request_header_fields_too_large",
+        "detail": error["detail"],
+    }
+    assert str(LIMIT) in error["detail"]
+    assert any(
+        record.name == "aihub.server" and record.levelno == logging.WARNING
+        for record in caplog.records
+    )
+
+
+async def test_a_header_without_end_is_refused_before_it_ends(limited: Served) -> None:
+    """A header value still arriving is kept by the parser, where no callback sees it: the
+    bytes received are what stops it."""
+    sent = 0
+    async with connection(limited) as (reader, writer):
+
+        async def send_without_end() -> None:
+            nonlocal sent
+            writer.write(b"GET /api/health HTTP/1.1\r\nHost: test\r\nX-Endless: ")
+            with contextlib.suppress(ConnectionError):
+                while sent < 1000 * 1024:
+                    writer.write(b"v" * 1024)
+                    await writer.drain()
+                    sent += 1024
+                    await asyncio.sleep(0.001)
+
+        sender = asyncio.create_task(send_without_end())
+        status, _, body = await response(reader)
+        refused_after = sent
+        await sender
+    assert status == 431
+    assert orjson.loads(body)["error"] == "request_header_fields_too_large"
+    assert refused_after < 4 * LIMIT
+
+
+async def test_the_limit_applies_to_each_request_on_a_connection(limited: Served) -> None:
+    async with connection(limited) as (reader, writer):
+        for _ in range(3):
+            writer.write(get("/api/health", f"X-Small: {'s' * (LIMIT // 2)}"))
+            status, _, _ = await response(reader)
+            assert status == 200
+        writer.write(get("/api/health", f"X-Big: {'b' * LIMIT}"))
+        status, _, _ = await response(reader)
+    assert status == 431
+
+
+async def test_a_body_larger_than_the_head_limit_is_the_body_limits_concern(
+    limited: Served,
+) -> None:
+    body = orjson.dumps({"email": "a@example.com", "password": "p" * (4 * LIMIT)})
+    request = (
+        b"POST /api/auth/login HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body)
+    ) + body
+    async with connection(limited) as (reader, writer):
+        writer.write(request)  # head and body in one write: the body is not the head's
+        status, _, answer = await response(reader)
+    # The application's own answer (no password is that long): the request reached it.
+    assert (status, orjson.loads(answer)["error"]) == (422, "validation_error")
+
+
+async def test_the_default_limit_takes_a_large_cookie(served: Served) -> None:
+    """32 KiB by default: browsers send cookies of a few KiB, and a Clerk session token."""
+    assert served.settings.max_request_header_bytes == 32_768
+    response = await served.client.get("/api/health", headers={"Cookie": "a=" + "c" * 12_000})
+    assert response.status_code == 200
