@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import gc
 import random
 import secrets
 import sqlite3
@@ -107,6 +109,30 @@ async def test_writes_that_queue_up_on_sqlite_are_committed_together(tmp_path: P
         assert sorted(results) == list(range(1, 51))  # each job saw its own write
         assert await _total(sessions) == 50
         assert 1 <= len(commits) < 10  # not one transaction each
+
+
+async def test_a_write_on_sqlite_leaves_no_cycle_behind(tmp_path: Path) -> None:
+    """What a write makes is freed as it ends: garbage in reference cycles waits for the
+    collector's full passes, which stop the event loop for as long as they take."""
+    async with _counter_sessions(tmp_path) as (sessions, _):
+        await sessions.write(_add(1))  # the writer thread and its connection, made once
+        gc.collect()
+        gc.disable()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            for _ in range(3):
+                await sessions.write(_add(1))
+            await asyncio.sleep(0)
+            gc.collect()
+            left = [type(o).__qualname__ for o in gc.garbage if type(o) in _WRITE_TYPES]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+    assert left == []
+
+
+_WRITE_TYPES = (concurrent.futures.Future, asyncio.Future)
 
 
 async def test_a_write_waits_for_a_transaction_under_way_and_follows_it(tmp_path: Path) -> None:

@@ -368,7 +368,9 @@ class _SQLiteSessions(AppSessions):
         self._idle.clear()
         loop = asyncio.get_running_loop()
         done = self._thread.executor.submit(self._thread.run, [write.job for write in batch])
-        done.add_done_callback(lambda _: loop.call_soon_threadsafe(self._batch_done, done))
+        # The future as the callback's argument: a callback that held it would make a cycle
+        # (the future keeps its callbacks), freed only by the garbage collector's full passes.
+        done.add_done_callback(lambda done: loop.call_soon_threadsafe(self._batch_done, done))
 
     def _batch_done(self, done: Future[list[_Outcome]]) -> None:
         batch, self._writing = self._writing, []

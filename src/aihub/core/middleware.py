@@ -84,6 +84,10 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            # `send` holds the request's scope (uvicorn's cycle keeps it): left in the scope, it
+            # would make a reference cycle of the whole request, its connection included, freed
+            # only by the garbage collector's full passes, which stop the event loop meanwhile.
+            del scope[SEND_BODY]
             elapsed = time.perf_counter() - started
             route = scope.get("route")
             route_path = getattr(route, "path", "unmatched")
