@@ -5,14 +5,18 @@ from __future__ import annotations
 import gc
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
+from aihub.core.config import Settings
+from aihub.core.server import uvicorn_options
 from aihub.core.sse import EventStream
+from aihub.main import GC_FULL_PASS_AFTER, create_app
 from tests.conftest import MakeApp, Served
 from tests.factories import bearer, create_user
+from tests.fakes.server import serve
 
 
 async def test_body_over_the_limit_is_413_json(make_app: MakeApp) -> None:
@@ -270,3 +274,17 @@ async def test_requests_leave_no_reference_cycle_behind(served: Served) -> None:
         gc.garbage.clear()
         gc.enable()
     assert left == []
+
+
+async def test_a_server_process_freezes_its_start_up_and_makes_full_collections_rare(
+    make_settings: Callable[..., Settings],
+) -> None:
+    settings = make_settings()
+    thresholds = gc.get_threshold()
+    try:
+        async with serve(create_app(settings, freeze_gc=True), **uvicorn_options(settings)):
+            assert gc.get_freeze_count() > 10_000  # the loaded libraries, out of its sight
+            assert gc.get_threshold() == (*thresholds[:2], GC_FULL_PASS_AFTER)
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)
