@@ -82,7 +82,7 @@ SHUTDOWN_CLEAN_UP_SECONDS = 5.0
 
 GC_FULL_PASS_AFTER = 100
 """How many of the garbage collector's middle-generation passes a full pass waits for (Python's
-default: 10). A request makes no reference cycle (tests/core/test_app.py), so what lives long
+default: 10). Requests make no reference cycles (tests/core/test_app.py), so what lives long
 enough to reach the oldest generation (a stream's objects, for its seconds) is freed by
 reference counting, and a full pass finds next to nothing. Yet it walks every live stream's
 objects, stopping the event loop meanwhile: 20-60 ms with 200 streams open, every ~7 s at 100
