@@ -43,15 +43,35 @@ def checkout(revision: str, scratch: Path) -> Path:
 def summary(arm: Arm, direct: float) -> str:
     ttfts = sorted(sample.ttft for sample in arm.samples)
     quartiles = statistics.quantiles(ttfts, n=4)
-    added = (statistics.median(ttfts) - direct) * 1000
+    median = statistics.median(ttfts)
+    added = (median - direct) * 1000
     return (
-        f"TTFT p50 {statistics.median(ttfts) * 1000:5.2f} ms (added {added:5.2f} ms), "
+        f"TTFT p50 {median * 1000:5.2f} ms (added {added:5.2f} ms), "
         f"p25-p75 {quartiles[0] * 1000:.2f}-{quartiles[2] * 1000:.2f} ms, "
         f"{len(ttfts)} streams, {arm.failures} failures"
     )
 
 
-async def main() -> int:
+async def measure(args: argparse.Namespace, upstream: str, bases: dict[str, str]) -> dict[str, Arm]:
+    """The rounds, against the servers `main` started: the upstream's direct arm and each
+    version's (`bases`: their URLs, by name)."""
+    await wait_ready(f"{upstream}/health")
+    specs = {"direct": direct_arm(upstream)}
+    for name, base in bases.items():
+        await wait_ready(f"{base}/api/health", timeout=60)
+        specs[name] = aihub_arm(base, await register(base), args.wire)
+    arms = {name: Arm(name) for name in specs}
+    for spec in specs.values():  # connection pools, first-use imports
+        await run_burst(Arm("warm-up"), spec, streams=5, arrival=0.1)
+    for round_ in range(args.rounds):
+        servers = ["before", "after"] if round_ % 2 == 0 else ["after", "before"]
+        for name in ["direct", *servers]:
+            await asyncio.sleep(args.pause)  # each stream starts cold, as a lone one does
+            await run_burst(arms[name], specs[name], streams=1, arrival=0)
+    return arms
+
+
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("before", help="a git revision")
     parser.add_argument("after", nargs="?", default=".", help="a git revision (default: .)")
@@ -80,26 +100,15 @@ async def main() -> int:
             command = [sys.executable, "-m", "aihub.cli", "serve"]
             command += ["--port", bases[name].rsplit(":", 1)[1]]
             processes.append(start(command, server_env, scratch / f"aihub-{name}.log"))
-        await wait_ready(f"{upstream}/health")
-        specs = {"direct": direct_arm(upstream)}
-        for name, base in bases.items():
-            await wait_ready(f"{base}/api/health", timeout=60)
-            specs[name] = aihub_arm(base, await register(base), args.wire)
-        arms = {name: Arm(name) for name in specs}
-        for spec in specs.values():  # connection pools, first-use imports
-            await run_burst(Arm("warm-up"), spec, streams=5, arrival=0.1)
-        for round_ in range(args.rounds):
-            servers = ["before", "after"] if round_ % 2 == 0 else ["after", "before"]
-            for name in ["direct", *servers]:
-                await asyncio.sleep(args.pause)  # each stream starts cold, as a lone one does
-                await run_burst(arms[name], specs[name], streams=1, arrival=0)
-        direct = statistics.median(sample.ttft for sample in arms["direct"].samples)
-        print(f"direct: {summary(arms['direct'], direct)}")
+        arms = asyncio.run(measure(args, upstream, bases))
+        medians = {
+            name: statistics.median(sample.ttft for sample in arm.samples)
+            for name, arm in arms.items()
+        }
+        print(f"direct: {summary(arms['direct'], medians['direct'])}")
         for name, revision in versions.items():
-            print(f"{name} ({revision}): {summary(arms[name], direct)}")
-        change = statistics.median(s.ttft for s in arms["after"].samples) - statistics.median(
-            s.ttft for s in arms["before"].samples
-        )
+            print(f"{name} ({revision}): {summary(arms[name], medians['direct'])}")
+        change = medians["after"] - medians["before"]
         print(f"after - before: {change * 1000:+.2f} ms at the median")
         finished = True
         return 0 if not any(arm.failures for arm in arms.values()) else 1
@@ -112,4 +121,4 @@ async def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(asyncio.run(main()))
+    raise SystemExit(main())

@@ -78,6 +78,8 @@ class Arm:
     failures: int = 0
     """Jobs that did not (an HTTP error, a failed image, a stream that ended without `done`)."""
     failed_images: int = 0
+    errors: list[str] = field(default_factory=list)
+    """What the failures were (`report` prints the first ones)."""
 
     def record(self, sample: JobSample | BaseException) -> None:
         if isinstance(sample, JobSample) and sample.ok:
@@ -87,7 +89,7 @@ class Arm:
         if isinstance(sample, JobSample):
             self.failed_images += sample.failed
         what = sample if isinstance(sample, BaseException) else _describe(sample)
-        print(f"  {self.name}: failure: {what!r}", file=sys.stderr)
+        self.errors.append(repr(what))
 
     def p50(self, attr: str) -> float:
         values = [v for s in self.samples if (v := getattr(s, attr)) is not None]
@@ -271,35 +273,56 @@ async def recreate_database(url: str) -> None:
         await conn.close()
 
 
-async def benchmark(args: argparse.Namespace, base: str, tokens: list[str]) -> bool:
-    token = tokens[0]
-    single, multi = Arm("1 image", 1), Arm(f"{args.images} images", args.images)
-    # Warm up: connection pools (database, the Replicate client's), imports, first queries.
-    for arm in (Arm(single.name, 1), Arm(multi.name, args.images)):
-        await one_at_a_time(base, token, arm)
-    for round_ in range(args.rounds):
-        order = (single, multi) if round_ % 2 == 0 else (multi, single)
-        for arm in order:
-            await one_at_a_time(base, token, arm)
-    ratios = report_pair(single, multi, args.delay_ms / 1000)
+@dataclass
+class Results:
+    single: Arm
+    multi: Arm
+    burst: Arm
+    wall: float
+    """The burst's wall time."""
 
-    burst = Arm(f"{args.images} images, burst", args.images)
-    wall = await many_at_once(base, tokens, burst, args.jobs)
+
+async def measure(args: argparse.Namespace, fake: str, base: str) -> Results:
+    """Both parts, against the servers `main` started, within `args.budget`."""
+    async with asyncio.timeout(args.budget):
+        await wait_ready(f"{fake}/v1/predictions/none")
+        await wait_ready(f"{base}/api/health", timeout=60)
+        tokens = [await register(base) for _ in range(args.users)]
+        token = tokens[0]
+        single, multi = Arm("1 image", 1), Arm(f"{args.images} images", args.images)
+        # Warm up: connection pools (database, the Replicate client's), imports, first queries.
+        for arm in (Arm(single.name, 1), Arm(multi.name, args.images)):
+            await one_at_a_time(base, token, arm)
+        for round_ in range(args.rounds):
+            order = (single, multi) if round_ % 2 == 0 else (multi, single)
+            for arm in order:
+                await one_at_a_time(base, token, arm)
+        burst = Arm(f"{args.images} images, burst", args.images)
+        wall = await many_at_once(base, tokens, burst, args.jobs)
+    return Results(single, multi, burst, wall)
+
+
+def report(args: argparse.Namespace, results: Results) -> bool:
+    single, multi, burst, wall = results.single, results.multi, results.burst, results.wall
+    for arm in (single, multi, burst):
+        for error in arm.errors[:5]:
+            print(f"  {arm.name}: failure: {error}", file=sys.stderr)
+    ratios = report_pair(single, multi, args.delay_ms / 1000)
     ideal = math.ceil(args.jobs * args.images / args.concurrency) * args.delay_ms / 1000
     report_burst(burst, args.jobs, args.users, wall, ideal)
 
     print("\n## summary")
-    results = [
+    results_ok = [
         verdict(f"{multi.name}: first image / 1-image job", ratios["first"], 1.15),
         verdict(f"{multi.name}: last image / 1-image job", ratios["last"], 1.20),
         verdict("one at a time: failed jobs", single.failures + multi.failures, 0, ""),
         verdict(f"{args.jobs} jobs at once: wall / ideal", wall / ideal, 1.5),
         verdict(f"{args.jobs} jobs at once: jobs not cleanly done", burst.failures, 0, ""),
     ]
-    return all(results)
+    return all(results_ok)
 
 
-async def main() -> int:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=10, help="ABBA rounds of part 1")
     parser.add_argument("--images", type=int, default=4, help="images of the larger job")
@@ -322,7 +345,7 @@ async def main() -> int:
     if args.recreate_database:
         if not args.database_url or not args.database_url.startswith("postgres"):
             parser.error("--recreate-database needs a PostgreSQL --database-url")
-        await recreate_database(args.database_url)
+        asyncio.run(recreate_database(args.database_url))
 
     fake_port, aihub_port = free_port(), free_port()
     fake = f"http://127.0.0.1:{fake_port}"
@@ -370,11 +393,7 @@ async def main() -> int:
     ]
     ok = False
     try:
-        async with asyncio.timeout(args.budget):
-            await wait_ready(f"{fake}/v1/predictions/none")
-            await wait_ready(f"{base}/api/health", timeout=60)
-            tokens = [await register(base) for _ in range(args.users)]
-            ok = await benchmark(args, base, tokens)
+        ok = report(args, asyncio.run(measure(args, fake, base)))
         print("\nall targets met" if ok else "\nsome targets missed")
         return 0 if ok else 1
     except TimeoutError:
@@ -386,4 +405,4 @@ async def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(asyncio.run(main()))
+    raise SystemExit(main())

@@ -135,32 +135,18 @@ async def wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
     raise RuntimeError("the fake OpenAI did not start within 15 s")
 
 
-async def bench(args: argparse.Namespace) -> None:
-    port = free_port()
-    command = [sys.executable, "-m", "tests.fakes.openai", "--port", str(port)]
-    command += ["--tokens", str(args.tokens), "--delay-ms", str(args.delay_ms)]
-    process = subprocess.Popen(command, cwd=ROOT)
-    try:
-        await wait_for_port(port, process)
-        base_url = f"http://127.0.0.1:{port}/v1"
-        print(
-            f"{args.streams} streams arriving over {args.arrival:g} s, "
-            f"{args.tokens} tokens at {args.delay_ms:g} ms, {args.rounds} round(s)"
-        )
-        ttft: dict[str, list[float]] = {key: [] for key in ARMS}
-        for _ in range(args.rounds):
-            for key in ARMS:
-                ttft[key] += await run_arm(
-                    base_url, key, streams=args.streams, arrival=args.arrival
-                )
-                await asyncio.sleep(1)  # let sockets of the previous arm close
-        report(ttft)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
+async def bench(
+    args: argparse.Namespace, port: int, process: subprocess.Popen[bytes]
+) -> dict[str, list[float]]:
+    """Every arm's times to first token, against the fake `main` started on `port`."""
+    await wait_for_port(port, process)
+    base_url = f"http://127.0.0.1:{port}/v1"
+    ttft: dict[str, list[float]] = {key: [] for key in ARMS}
+    for _ in range(args.rounds):
+        for key in ARMS:
+            ttft[key] += await run_arm(base_url, key, streams=args.streams, arrival=args.arrival)
+            await asyncio.sleep(1)  # let sockets of the previous arm close
+    return ttft
 
 
 def report(ttft: dict[str, list[float]]) -> None:
@@ -188,7 +174,22 @@ def main() -> None:
         runner = asyncio.run
     else:
         runner = uvloop.run
-    runner(asyncio.wait_for(bench(args), BUDGET_SECONDS))
+    port = free_port()
+    command = [sys.executable, "-m", "tests.fakes.openai", "--port", str(port)]
+    command += ["--tokens", str(args.tokens), "--delay-ms", str(args.delay_ms)]
+    process = subprocess.Popen(command, cwd=ROOT)
+    try:
+        print(
+            f"{args.streams} streams arriving over {args.arrival:g} s, "
+            f"{args.tokens} tokens at {args.delay_ms:g} ms, {args.rounds} round(s)"
+        )
+        report(runner(asyncio.wait_for(bench(args, port, process), BUDGET_SECONDS)))
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
 
 
 if __name__ == "__main__":

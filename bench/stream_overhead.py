@@ -57,6 +57,8 @@ class Arm:
     name: str
     samples: list[Sample] = field(default_factory=list)
     failures: int = 0
+    errors: list[str] = field(default_factory=list)
+    """What the first failures were (`report` prints them)."""
     relay: list[int] = field(default_factory=list)
     """The processes that relay this arm's streams (none for the direct arm)."""
     cpu: dict[str, float] = field(default_factory=dict)
@@ -91,9 +93,10 @@ async def measured(arm: Arm, upstream: int, burst: Awaitable[None]) -> None:
             "client": time.process_time(),
         }
 
-    before, started = snapshot(), time.perf_counter()
+    # /proc is read in a thread: nothing in `async def` reads a file on the event loop.
+    before, started = await asyncio.to_thread(snapshot), time.perf_counter()
     await burst
-    after = snapshot()
+    after = await asyncio.to_thread(snapshot)
     arm.wall += time.perf_counter() - started
     for role, value in after.items():
         arm.cpu[role] = arm.cpu.get(role, 0.0) + value - before[role]
@@ -276,7 +279,7 @@ async def run_burst(
                 arm.samples.append(await read_stream(session, lambda: request(session), is_token))
             except (RuntimeError, aiohttp.ClientError, TimeoutError) as exc:
                 arm.failures += 1
-                print(f"  {arm.name}: failure: {exc!r}", file=sys.stderr)
+                arm.errors.append(repr(exc))
 
         delays = [arrival * i / max(streams - 1, 1) for i in range(streams)]
         await asyncio.gather(*(one(d) for d in delays))
@@ -334,6 +337,9 @@ def report(
                 f"machine's {os.cpu_count()} cores busy"
             )
     print(f"failures: {aihub.name} {aihub.failures}, direct {direct.failures}")
+    for arm in (direct, aihub):
+        for error in arm.errors[:5]:
+            print(f"  {arm.name}: failure: {error}", file=sys.stderr)
     ok = aihub.failures == 0 and direct.failures == 0
     for key, limit in targets.items():
         passed = added[key] <= limit
@@ -343,7 +349,53 @@ def report(
     return ok
 
 
-async def main() -> int:
+@dataclass
+class Results:
+    single: tuple[Arm, Arm, Arm]
+    """Direct, through aihub, through the floor relay: one stream at a time."""
+    concurrent: tuple[Arm, Arm, Arm]
+    """The same, many streams at once."""
+
+
+async def measure(
+    args: argparse.Namespace, *, upstream: str, base: str, floor_url: str, pids: list[int]
+) -> Results:
+    """Both phases, against the servers `main` started (`pids`: the upstream's, aihub's, and
+    the floor relay's with `--floor`)."""
+    chats = args.product == "chats"
+    await wait_ready(f"{upstream}/health")
+    await wait_ready(f"{base}/api/health", timeout=60)
+    if args.floor:
+        await wait_ready(f"{floor_url}/health")
+    token = await register(base)
+    direct_spec = gemini_direct_arm(upstream) if chats else direct_arm(upstream)
+    aihub_spec = {
+        "ideas": lambda: aihub_arm(base, token, args.wire),
+        "byok": lambda: byok_arm(base),
+        "chats": lambda: chats_arm(base, token),
+    }[args.product]()
+    floor_spec = floor_arm(floor_url)
+    # Warm up every path (connection pools, imports, JIT-free caches).
+    for spec in (direct_spec, aihub_spec, *([floor_spec] if args.floor else [])):
+        await run_burst(Arm("warm"), spec, streams=5, arrival=0.1)
+
+    arms = 3 if args.floor else 2  # the floor's arm stays empty without `--floor`
+    specs = [direct_spec, aihub_spec, floor_spec]
+    single = (Arm("direct"), Arm("aihub"), Arm("floor"))
+    for _ in range(args.single):
+        for arm, spec in list(zip(single, specs, strict=True))[:arms]:
+            await run_burst(arm, spec, streams=1, arrival=0)
+
+    concurrent = (Arm("direct"), Arm("aihub", relay=[pids[1]]), Arm("floor", relay=pids[2:]))
+    order = list(zip(concurrent, specs, strict=True))[:arms]
+    for round_ in range(args.rounds):
+        for arm, spec in order if round_ % 2 == 0 else reversed(order):
+            burst = run_burst(arm, spec, streams=args.streams, arrival=args.arrival)
+            await measured(arm, pids[0], burst)
+    return Results(single, concurrent)
+
+
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--streams", type=int, default=300)
     parser.add_argument("--arrival", type=float, default=3.0)
@@ -422,62 +474,37 @@ async def main() -> int:
         floor_command += ["--upstream", upstream] + (["--sdk"] if args.floor_sdk else [])
         processes.append(start(floor_command, env, scratch / "floor.log"))
     try:
-        await wait_ready(f"{upstream}/health")
-        await wait_ready(f"{base}/api/health", timeout=60)
+        results = asyncio.run(
+            measure(
+                args,
+                upstream=upstream,
+                base=base,
+                floor_url=floor_url,
+                pids=[process.pid for process in processes],
+            )
+        )
+        ok = report("1 stream at a time", *results.single[:2], {} if chats else {"ttft_p50": 0.003})
         if args.floor:
-            await wait_ready(f"{floor_url}/health")
-        token = await register(base)
-        direct_spec = gemini_direct_arm(upstream) if chats else direct_arm(upstream)
-        aihub_spec = {
-            "ideas": lambda: aihub_arm(base, token, args.wire),
-            "byok": lambda: byok_arm(base),
-            "chats": lambda: chats_arm(base, token),
-        }[args.product]()
-        # Warm up both paths (connection pools, imports, JIT-free caches).
-        await run_burst(Arm("warm"), direct_spec, streams=5, arrival=0.1)
-        await run_burst(Arm("warm"), aihub_spec, streams=5, arrival=0.1)
-        if args.floor:
-            await run_burst(Arm("warm"), floor_arm(floor_url), streams=5, arrival=0.1)
-
-        floor_spec = floor_arm(floor_url)
-        direct, aihub, floor = Arm("direct"), Arm("aihub"), Arm("floor")
-        single = [(direct, direct_spec), (aihub, aihub_spec)]
-        if args.floor:
-            single.append((floor, floor_spec))
-        for _ in range(args.single):
-            for arm, spec in single:
-                await run_burst(arm, spec, streams=1, arrival=0)
-        ok = report("1 stream at a time", direct, aihub, {} if chats else {"ttft_p50": 0.003})
-        if args.floor:
-            report("the same, through the floor relay (no targets)", direct, floor, {})
-
-        direct, aihub = Arm("direct"), Arm("aihub", relay=[processes[1].pid])
-        order = [(direct, direct_spec), (aihub, aihub_spec)]
-        floor = Arm("floor", relay=[processes[-1].pid])
-        if args.floor:
-            order.append((floor, floor_spec))
-        for round_ in range(args.rounds):
-            for arm, spec in order if round_ % 2 == 0 else reversed(order):
-                burst = run_burst(arm, spec, streams=args.streams, arrival=args.arrival)
-                await measured(arm, processes[0].pid, burst)
+            report(
+                "the same, through the floor relay (no targets)",
+                results.single[0],
+                results.single[2],
+                {},
+            )
+        direct, aihub, floor = results.concurrent
+        rate = args.streams / args.arrival
         ok = (
             report(
                 f"{args.streams} streams arriving over {args.arrival:g} s",
                 direct,
                 aihub,
                 {} if chats else {"ttft_p50": 0.025, "ttft_p99": 0.100, "gap_p99": 0.050},
-                rate=args.streams / args.arrival,
+                rate=rate,
             )
             and ok
         )
         if args.floor:
-            report(
-                "the same, through the floor relay (no targets)",
-                direct,
-                floor,
-                {},
-                rate=args.streams / args.arrival,
-            )
+            report("the same, through the floor relay (no targets)", direct, floor, {}, rate=rate)
         if chats:
             print("\nno targets for chats yet" + ("" if ok else " (failures)"))
         else:
@@ -492,4 +519,4 @@ async def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(asyncio.run(main()))
+    raise SystemExit(main())
