@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
 import orjson
@@ -17,7 +18,9 @@ LIMIT = 4096
 
 
 @contextlib.asynccontextmanager
-async def connection(served: Served):  # type: ignore[no-untyped-def]
+async def connection(
+    served: Served,
+) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
     url = urlsplit(served.base_url)
     reader, writer = await asyncio.open_connection(url.hostname, url.port)
     try:
@@ -45,7 +48,7 @@ def get(target: str = "/api/health", *headers: str) -> bytes:
 
 
 @pytest.fixture
-async def limited(make_app: MakeApp):  # type: ignore[no-untyped-def]
+async def limited(make_app: MakeApp) -> AsyncIterator[Served]:
     async with make_app(max_request_header_bytes=LIMIT) as served:
         yield served
 
