@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 
 from _support import free_port, register, start, stop, wait_ready
 
@@ -355,6 +356,46 @@ class Results:
     """Direct, through aihub, through the floor relay: one stream at a time."""
     concurrent: tuple[Arm, Arm, Arm]
     """The same, many streams at once."""
+    collector: dict[str, dict[str, dict[str, float]]]
+    """aihub's garbage collector before and after the concurrent rounds (`gc_pauses`)."""
+
+
+async def gc_pauses(base: str) -> dict[str, dict[str, float]]:
+    """aihub's `aihub_gc_pause_seconds` histogram (`GET /metrics`), by generation: `count`,
+    `sum`, and each bucket's cumulative count (by its bound, as text)."""
+    async with aiohttp.ClientSession() as session, session.get(f"{base}/metrics") as response:
+        text = await response.text()
+    found: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "aihub_gc_pause_seconds":
+            continue
+        for sample in family.samples:
+            generation = found.setdefault(sample.labels["generation"], {})
+            if sample.name.endswith("_bucket"):
+                generation[sample.labels["le"]] = sample.value
+            else:
+                generation[sample.name.rsplit("_", 1)[1]] = sample.value
+    return found
+
+
+def gc_report(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]) -> str:
+    """The garbage collector's passes between two `gc_pauses` readings, by generation: how
+    many, how long in all, and the least bucket bound that every one of them fell under."""
+    parts = []
+    for generation, now in sorted(after.items()):
+        then = before.get(generation, {})
+        count = now.get("count", 0) - then.get("count", 0)
+        seconds = now.get("sum", 0) - then.get("sum", 0)
+        part = f"generation {generation}: {count:.0f} passes, {seconds * 1000:.0f} ms"
+        if count:
+            under = [
+                float(le)
+                for le, passes in now.items()
+                if le[0].isdigit() and passes - then.get(le, 0) >= count
+            ]
+            part += f", each <= {min(under) * 1000:g} ms" if under else ", some > 500 ms"
+        parts.append(part)
+    return "; ".join(parts)
 
 
 async def measure(
@@ -388,11 +429,13 @@ async def measure(
 
     concurrent = (Arm("direct"), Arm("aihub", relay=[pids[1]]), Arm("floor", relay=pids[2:]))
     order = list(zip(concurrent, specs, strict=True))[:arms]
+    gc_before = await gc_pauses(base)
     for round_ in range(args.rounds):
         for arm, spec in order if round_ % 2 == 0 else reversed(order):
             burst = run_burst(arm, spec, streams=args.streams, arrival=args.arrival)
             await measured(arm, pids[0], burst)
-    return Results(single, concurrent)
+    gc_after = await gc_pauses(base)
+    return Results(single, concurrent, {"before": gc_before, "after": gc_after})
 
 
 def main() -> int:
@@ -503,6 +546,9 @@ def main() -> int:
             )
             and ok
         )
+        if args.workers == 1:  # with more, `GET /metrics` is one worker's
+            collector = gc_report(results.collector["before"], results.collector["after"])
+            print(f"aihub's garbage collector over these rounds: {collector}")
         if args.floor:
             report("the same, through the floor relay (no targets)", direct, floor, {}, rate=rate)
         if chats:

@@ -18,6 +18,7 @@ from aihub import __version__
 from aihub.api import include_routers
 from aihub.chats.router import load_system_prompt
 from aihub.chats.service import Replying, Summaries
+from aihub.core import metrics
 from aihub.core.auth import Authenticator, handle_integrity_error
 from aihub.core.clock import Clock
 from aihub.core.config import Settings
@@ -254,14 +255,17 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.rate_limiter = (
         RedisRateLimiter.from_url(settings.redis_url) if settings.redis_url else MemoryRateLimiter()
     )
+    gc_pauses = metrics.GCPauses()
     if app.state.freeze_gc:
         gc.collect()
         gc.freeze()
         young, middle, _ = gc.get_threshold()
         gc.set_threshold(young, middle, GC_FULL_PASS_AFTER)
+        gc_pauses.install()
     try:
         yield
     finally:
+        gc_pauses.remove()
         # Requests the server cancelled on its way out are still storing what they had.
         if unfinished := await app.state.in_flight.drained(SHUTDOWN_CLEAN_UP_SECONDS):
             logger.warning("stopping with %d requests still cleaning up", unfinished)

@@ -7,6 +7,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
 
+import httpx
 import pytest
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
@@ -281,10 +282,26 @@ async def test_a_server_process_freezes_its_start_up_and_makes_full_collections_
 ) -> None:
     settings = make_settings()
     thresholds = gc.get_threshold()
+    callbacks = list(gc.callbacks)
     try:
-        async with serve(create_app(settings, freeze_gc=True), **uvicorn_options(settings)):
+        async with (
+            serve(create_app(settings, freeze_gc=True), **uvicorn_options(settings)) as base,
+            httpx.AsyncClient(base_url=base) as client,
+        ):
             assert gc.get_freeze_count() > 10_000  # the loaded libraries, out of its sight
             assert gc.get_threshold() == (*thresholds[:2], GC_FULL_PASS_AFTER)
+            before = _full_passes((await client.get("/metrics")).text)
+            gc.collect()
+            assert _full_passes((await client.get("/metrics")).text) >= before + 1
+        assert gc.callbacks == callbacks  # its pauses are timed while it serves, not after
     finally:
         gc.unfreeze()
         gc.set_threshold(*thresholds)
+
+
+def _full_passes(metrics: str) -> float:
+    """How many full passes of the garbage collector `GET /metrics` has timed."""
+    prefix = 'aihub_gc_pause_seconds_count{generation="2"} '
+    return next(
+        float(line[len(prefix) :]) for line in metrics.splitlines() if line.startswith(prefix)
+    )

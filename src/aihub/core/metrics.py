@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import time
+
 from prometheus_client import Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -40,3 +43,33 @@ image_batch_time = Histogram(
     buckets=_IMAGE_BUCKETS,
 )
 image_jobs = Counter("aihub_image_jobs_total", "Image jobs finished, by outcome.", ["outcome"])
+
+gc_pauses = Histogram(
+    "aihub_gc_pause_seconds",
+    "Time the garbage collector held the process, every stream standing still, by generation.",
+    ["generation"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5),
+)
+
+
+class GCPauses:
+    """Times each of the garbage collector's passes into `gc_pauses` while installed (a server
+    process's lifetime): a pass stops the event loop, so its length is added to every stream's
+    next chunk."""
+
+    def __init__(self) -> None:
+        self._generations = [gc_pauses.labels(str(generation)) for generation in range(3)]
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self._generations[info["generation"]].observe(time.perf_counter() - self._started)
+
+    def install(self) -> None:
+        gc.callbacks.append(self)
+
+    def remove(self) -> None:
+        if self in gc.callbacks:
+            gc.callbacks.remove(self)
