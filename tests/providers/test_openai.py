@@ -375,6 +375,22 @@ async def test_requests_tell_the_upstream_nothing_of_this_machine(
         assert not [name for name in request.headers if name.startswith("x-stainless")]
 
 
+async def test_a_request_reads_no_system_randomness(
+    provider: OpenAIProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SDK's own idempotency key (a `uuid4()`, read from the system with the GIL released)
+    is not made: the adapter gives one, unique to each request."""
+
+    def no_key_of_its_own() -> str:
+        raise AssertionError("the SDK made an idempotency key")
+
+    monkeypatch.setattr(provider._client, "_idempotency_key", no_key_of_its_own)
+    await collect(provider)
+    await collect(provider.with_api_key("sk-caller-own-key-9876543210"))
+
+    assert openai_adapter._request_key() != openai_adapter._request_key()
+
+
 async def test_the_shared_client_keeps_no_cookies(fake_openai: FakeOpenAI) -> None:
     """One client serves every caller (and every caller's own key): a cookie that one upstream
     answer sets must not ride along on anybody's next request. (By a host name, not an IP
