@@ -7,11 +7,14 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from typing import cast
 from urllib.parse import urlsplit
 
 import orjson
 import pytest
+from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
+from aihub.core.server import HeadWithBody
 from tests.conftest import MakeApp, Served
 
 LIMIT = 4096
@@ -161,3 +164,84 @@ async def test_the_default_limit_takes_a_large_cookie(served: Served) -> None:
     assert served.settings.max_request_header_bytes == 32_768
     response = await served.client.get("/api/health", headers={"Cookie": "a=" + "c" * 12_000})
     assert response.status_code == 200
+
+
+class Recording(asyncio.Transport):
+    """A transport that keeps what is written to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes.append(bytes(data))
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
+class Cycle:
+    """What `HeadWithBody` needs of uvicorn's request cycle."""
+
+    transport: asyncio.Transport
+
+
+def held(transport: Recording) -> tuple[Cycle, HeadWithBody]:
+    cycle = Cycle()
+    wrapper = HeadWithBody(cast(RequestResponseCycle, cycle), transport)
+    cycle.transport = wrapper
+    return cycle, wrapper
+
+
+async def test_a_response_s_head_goes_out_with_its_body_s_first_bytes() -> None:
+    transport = Recording()
+    cycle, _ = held(transport)
+
+    cycle.transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
+    assert transport.writes == []
+    cycle.transport.write(b"first")
+    cycle.transport.write(b"second")
+    await asyncio.sleep(0)
+
+    assert transport.writes == [b"HTTP/1.1 200 OK\r\n\r\nfirst", b"second"]
+    assert cycle.transport is transport  # the rest of the body goes straight through
+
+
+async def test_a_head_whose_body_is_not_ready_goes_out_at_the_end_of_the_turn() -> None:
+    transport = Recording()
+    cycle, _ = held(transport)
+
+    cycle.transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
+    await asyncio.sleep(0)
+
+    assert transport.writes == [b"HTTP/1.1 200 OK\r\n\r\n"]
+    assert cycle.transport is transport
+
+
+async def test_closing_sends_a_held_head_first_unless_the_connection_is_closing() -> None:
+    transport = Recording()
+    cycle, wrapper = held(transport)
+    cycle.transport.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+    cycle.transport.close()
+    assert (transport.writes, transport.closed) == ([b"HTTP/1.1 204 No Content\r\n\r\n"], True)
+
+    gone = Recording()
+    cycle, wrapper = held(gone)
+    cycle.transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
+    gone.closed = True  # the client left
+    await asyncio.sleep(0)
+    wrapper.write(b"late")  # a write through the wrapper, once it has stepped aside
+    assert gone.writes == [b"late"]
+    assert cycle.transport is gone
+
+
+async def test_a_head_request_gets_its_head(served: Served) -> None:
+    """uvicorn writes no body for HEAD: the head goes out on its own."""
+    async with connection(served) as (reader, writer):
+        writer.write(b"HEAD /api/health HTTP/1.1\r\nHost: test\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 ")

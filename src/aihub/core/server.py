@@ -1,10 +1,18 @@
-"""The HTTP server: uvicorn as every aihub process runs it, with a limit on request heads.
+"""The HTTP server: uvicorn as every aihub process runs it, with a limit on request heads, and
+each response's head sent with its first bytes of body.
 
 uvicorn's httptools protocol (the fast one, and the one `uvicorn[standard]` picks) keeps a
 request's head, its request line and headers, however long it grows: 10 MB of headers were
 answered 200, and a client that sends headers without end makes the server keep them all.
 uvicorn's h11 protocol has a limit (`h11_max_incomplete_event_size`); `HeadLimitedProtocol` is
 the httptools protocol with that same limit, from that same option (`MAX_REQUEST_HEADER_BYTES`).
+
+uvicorn writes a response's status line and headers the moment the app starts the response, and
+its body in a write of its own: two writes, two packets, and two wake-ups of the client, for every
+response. A stream's client is woken by the head, reads it, and is woken again for the first
+delta, which on a machine whose processes share its cores waits meanwhile (the upstream servers
+aihub talks to, aiohttp's and others, send a head with the first bytes of its body).
+`HeadWithBody` holds the head until the body's first write, or the end of the event loop's turn.
 """
 
 from __future__ import annotations
@@ -15,7 +23,11 @@ from typing import Any
 
 import orjson
 from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 from uvicorn.server import ServerState
 
 from aihub.core.config import Settings
@@ -29,6 +41,59 @@ _REFUSALS = {
     414: ("uri_too_long", "The request's target is longer than {} bytes"),
     431: ("request_header_fields_too_large", "The request's headers are larger than {} bytes"),
 }
+
+
+class HeadWithBody(asyncio.Transport):
+    """A response's transport that holds its first write, the status line and headers, until
+    the next (the body's first bytes), or the end of the event loop's current turn, whichever
+    comes first: head and body go out in one write, while a head whose body is not ready (a
+    stream whose first token is still far off) goes out at once all the same.
+
+    Once the head is out, the response's cycle gets the connection's own transport back, so the
+    rest of the body costs nothing more.
+    """
+
+    def __init__(self, cycle: RequestResponseCycle, transport: asyncio.Transport) -> None:
+        super().__init__()
+        self._cycle = cycle
+        self._transport = transport
+        self._held: bytes | None = None
+        self._flush: asyncio.Handle | None = None
+        self._released = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._released:
+            self._transport.write(data)
+        elif self._held is None:
+            self._held = bytes(data)
+            self._flush = asyncio.get_running_loop().call_soon(self._send_held)
+        else:
+            self._release(self._held + data)
+
+    def _send_held(self) -> None:
+        if self._held is not None:
+            self._release(self._held)
+
+    def _release(self, data: bytes | None) -> None:
+        """Write `data` (what was held, and whatever followed it), unless the connection is
+        closing, and step aside."""
+        if self._flush is not None:
+            self._flush.cancel()
+        self._held = self._flush = None
+        self._released = True
+        self._cycle.transport = self._transport
+        if data is not None and not self._transport.is_closing():
+            self._transport.write(data)
+
+    def close(self) -> None:
+        self._release(self._held)
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
 
 
 class _HeadTooLarge(Exception):
@@ -94,7 +159,10 @@ class HeadLimitedProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._received = None
+        previous = self.cycle
         super().on_headers_complete()
+        if self.cycle is not previous and self.cycle is not None:  # not an upgrade
+            self.cycle.transport = HeadWithBody(self.cycle, self.transport)
 
     def on_message_complete(self) -> None:
         self._received = 0  # the next request's head may follow on this connection
