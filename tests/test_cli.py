@@ -194,6 +194,9 @@ def test_serve_runs_the_embedded_default_from_nothing(tmp_path: Path) -> None:
         server.terminate()
         _, stderr = server.communicate(timeout=TIMEOUT_SECONDS)
     assert "Traceback" not in stderr
+    # Lines are written by a thread of their own: none is lost when the process stops.
+    assert '"GET /api 200"' in stderr
+    assert "Finished server process" in stderr.splitlines()[-1]
 
 
 def _wait_for_health(client: httpx.Client, server: subprocess.Popen[str]) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from aihub.core.clock import Clock
 from aihub.core.config import Settings
 from aihub.core.db import create_engine, create_sessionmaker, utcnow
 from aihub.core.errors import install_error_handlers
+from aihub.core.logging import flush_logs
 from aihub.core.middleware import BodySizeLimitMiddleware, InFlight, RequestContextMiddleware
 from aihub.core.notify import create_notifier
 from aihub.core.ratelimit import MemoryRateLimiter, RedisRateLimiter, parse_networks
@@ -280,3 +281,4 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await providers.aclose()
         await app.state.sessions.aclose()
         await engine.dispose()
+        await asyncio.to_thread(flush_logs)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
+import sys
+import threading
 
 import pytest
 
@@ -11,6 +14,7 @@ from aihub.core.logging import (
     ConsoleFormatter,
     JsonFormatter,
     configure_logging,
+    flush_logs,
     redact,
     request_id_var,
 )
@@ -88,3 +92,46 @@ def test_requests_ended_after_the_grace_period_are_a_warning_not_an_error(
     [record] = [r for r in caplog.records if r.name == "uvicorn.error"]
     assert record.levelno == logging.WARNING
     assert record.getMessage().startswith("the grace period is over: ending 3 requests")
+
+
+def test_lines_are_formatted_and_written_by_a_thread_of_their_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The event loop's thread only hands records over: a full pipe behind stderr must not
+    stop it. Each line keeps the request id it was logged in."""
+    written: list[tuple[int, str]] = []
+
+    class Stderr:
+        def write(self, text: str) -> None:
+            written.append((threading.get_ident(), text))
+
+        def flush(self) -> None:
+            pass
+
+    def log() -> None:
+        request_id_var.set("req-1")
+        logger = logging.getLogger("aihub.test")
+        logger.info("hello %s", "world", extra={"idea_id": "i-1"})
+        try:
+            raise ValueError("sk-proj-abcdefghijklmnop1234")
+        except ValueError:
+            logger.exception("it failed")
+
+    monkeypatch.setattr(sys, "stderr", Stderr())
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        configure_logging("INFO", "json")
+        contextvars.copy_context().run(log)
+    finally:
+        flush_logs()
+        root.handlers[:], root.level = handlers, level
+
+    assert {thread for thread, _ in written} - {threading.get_ident()} == {
+        thread for thread, _ in written
+    }
+    hello, failed = (json.loads(text) for _, text in written)
+    assert (hello["msg"], hello["request_id"], hello["idea_id"]) == ("hello world", "req-1", "i-1")
+    assert failed["request_id"] == "req-1"
+    assert "ValueError" in failed["exc"]
+    assert "sk-proj-abcdefghijklmnop1234" not in failed["exc"]

@@ -1,8 +1,17 @@
-"""Structured logs with a request id on every line and secrets scrubbed from every line."""
+"""Structured logs with a request id on every line and secrets scrubbed from every line.
+
+A line is formatted and written by a thread of its own (`logging.handlers.QueueListener`): the
+event loop's thread only hands the record over. A write to stderr blocks while the pipe behind
+it is full (a container's log driver that falls behind), and every request's access line cost
+the loop its formatting and redaction besides.
+"""
 
 from __future__ import annotations
 
+import atexit
 import logging
+import logging.handlers
+import queue
 import re
 import sys
 from contextvars import ContextVar
@@ -29,7 +38,12 @@ _SECRET_PATTERNS = [
     ),
 ]
 
-_STANDARD_ATTRS = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "color_message"}
+_STANDARD_ATTRS = set(logging.makeLogRecord({}).__dict__) | {
+    "message",
+    "asctime",
+    "color_message",
+    "request_id",
+}
 
 
 def redact(text: str) -> str:
@@ -46,7 +60,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        if request_id := request_id_var.get():
+        if request_id := _request_id(record):
             entry["request_id"] = request_id
         for key, value in record.__dict__.items():
             if key not in _STANDARD_ATTRS and not key.startswith("_"):
@@ -55,6 +69,44 @@ class JsonFormatter(logging.Formatter):
             entry["exc"] = self.formatException(record.exc_info)
         line = orjson.dumps(entry, default=str).decode()
         return redact(line)
+
+
+def _request_id(record: logging.LogRecord) -> str | None:
+    """The id of the request the record was logged in: taken as it was handed over
+    (`_Handoff`), or from the context when it is formatted where it was logged."""
+    request_id: str | None = getattr(record, "request_id", None) or request_id_var.get()
+    return request_id
+
+
+class _Handoff(logging.handlers.QueueHandler):
+    """Hands a record to the writing thread, with its request id (a context variable, which
+    that thread does not see) and its message rendered (its arguments may change later). The
+    formatting, redaction included, is the writing thread's."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        record.request_id = request_id_var.get()
+        record.msg, record.args = record.getMessage(), None
+        return record
+
+
+_listener: logging.handlers.QueueListener | None = None
+
+
+def flush_logs() -> None:
+    """Write what was logged so far and stop the writing thread: from then on a line is
+    written where it is logged. A server process calls it as its app shuts down: uvicorn's last
+    lines come after, and so does the SIGTERM it raises again once it has stopped, which ends
+    the process before `atexit` runs (so lines still queued then would be lost)."""
+    global _listener
+    if _listener is not None:
+        listener, _listener = _listener, None
+        root = logging.getLogger()
+        if any(isinstance(handler, _Handoff) for handler in root.handlers):
+            root.handlers[:] = listener.handlers
+        listener.stop()  # after what was queued before the handlers changed
+
+
+atexit.register(flush_logs)
 
 
 _CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)}
@@ -67,7 +119,7 @@ class ConsoleFormatter(logging.Formatter):
             for k, v in record.__dict__.items()
             if k not in _STANDARD_ATTRS and not k.startswith("_")
         }
-        request_id = request_id_var.get()
+        request_id = _request_id(record)
         head = f"{record.levelname:<7} {record.name}: {record.getMessage()}"
         tail = " ".join(f"{k}={v}" for k, v in extras.items())
         line = " ".join(p for p in (head, tail, f"[{request_id}]" if request_id else "") if p)
@@ -95,10 +147,16 @@ class _GracePeriodOver(logging.Filter):
 
 
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else ConsoleFormatter())
+    """Lines on stderr, as JSON or for a console, written by a thread of their own."""
+    global _listener
+    flush_logs()
+    writer = logging.StreamHandler(sys.stderr)
+    writer.setFormatter(JsonFormatter() if fmt == "json" else ConsoleFormatter())
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    _listener = logging.handlers.QueueListener(records, writer)
+    _listener.start()
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [_Handoff(records)]
     root.setLevel(level)
     # aihub writes its own access log (request id, no query strings); uvicorn's would repeat it.
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
