@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
+import weakref
 from collections.abc import AsyncIterator
 from typing import cast
 from urllib.parse import urlsplit
@@ -245,3 +247,15 @@ async def test_a_head_request_gets_its_head(served: Served) -> None:
         writer.write(b"HEAD /api/health HTTP/1.1\r\nHost: test\r\n\r\n")
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     assert head.startswith(b"HTTP/1.1 ")
+
+
+def test_a_cycle_whose_response_never_began_is_freed_without_the_collector() -> None:
+    """A client that leaves before its response begins leaves no reference cycle behind."""
+    cycle, wrapper = held(Recording())
+    freed = weakref.ref(cycle)
+    gc.disable()
+    try:
+        del cycle, wrapper
+        assert freed() is None
+    finally:
+        gc.enable()

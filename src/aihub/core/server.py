@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from typing import Any
 
 import orjson
@@ -50,12 +51,13 @@ class HeadWithBody(asyncio.Transport):
     stream whose first token is still far off) goes out at once all the same.
 
     Once the head is out, the response's cycle gets the connection's own transport back, so the
-    rest of the body costs nothing more.
+    rest of the body costs nothing more. (The cycle is held weakly: a request whose client left
+    before its response began would otherwise leave the two in a reference cycle.)
     """
 
     def __init__(self, cycle: RequestResponseCycle, transport: asyncio.Transport) -> None:
         super().__init__()
-        self._cycle = cycle
+        self._cycle = weakref.ref(cycle)
         self._transport = transport
         self._held: bytes | None = None
         self._flush: asyncio.Handle | None = None
@@ -81,7 +83,8 @@ class HeadWithBody(asyncio.Transport):
             self._flush.cancel()
         self._held = self._flush = None
         self._released = True
-        self._cycle.transport = self._transport
+        if (cycle := self._cycle()) is not None:
+            cycle.transport = self._transport
         if data is not None and not self._transport.is_closing():
             self._transport.write(data)
 
