@@ -9,13 +9,16 @@ Each revision is checked out in a temporary git worktree and served by its own `
 each server and one to the upstream directly, the servers' order alternating from round to
 round: driven in a fixed order, the one that always came second ran up to 0.5 ms faster here.
 A full `stream_overhead.py` run cannot tell a 0.3 ms change from the machine's drift between
-two runs; this can, because both versions see the same drift.
+two runs; this can, because both versions see the same drift. Besides the two medians it prints
+the median of the rounds' own differences, with a bootstrap 95% interval: a change whose
+interval holds zero is not told apart from the noise.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import random
 import shutil
 import statistics
 import subprocess
@@ -71,6 +74,18 @@ async def measure(args: argparse.Namespace, upstream: str, bases: dict[str, str]
     return arms
 
 
+def paired_change(before: Arm, after: Arm) -> tuple[float, float, float] | None:
+    """The median of each round's difference (after - before, the two streams a second apart
+    at most, so the machine's drift cancels) with a bootstrap 95% interval; None if a stream
+    failed (the rounds no longer pair up)."""
+    if before.failures or after.failures or len(before.samples) != len(after.samples):
+        return None
+    changes = [a.ttft - b.ttft for a, b in zip(before.samples, after.samples, strict=True)]
+    draw = random.Random(0)
+    medians = sorted(statistics.median(draw.choices(changes, k=len(changes))) for _ in range(2000))
+    return statistics.median(changes), medians[50], medians[1949]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("before", help="a git revision")
@@ -110,6 +125,12 @@ def main() -> int:
             print(f"{name} ({revision}): {summary(arms[name], medians['direct'])}")
         change = medians["after"] - medians["before"]
         print(f"after - before: {change * 1000:+.2f} ms at the median")
+        if paired := paired_change(arms["before"], arms["after"]):
+            median, low, high = paired
+            print(
+                f"after - before, round by round: {median * 1000:+.2f} ms at the median "
+                f"(95% interval {low * 1000:+.2f} to {high * 1000:+.2f} ms)"
+            )
         finished = True
         return 0 if not any(arm.failures for arm in arms.values()) else 1
     finally:
