@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import json
 import logging
 import secrets
@@ -338,6 +339,29 @@ async def test_the_list_is_own_chats_most_recent_activity_first_and_paged(
     assert [c["chatId"] for c in (await bob.chats()).json()] == [bobs]
     bad = await ada.chats(cursor="not-a-cursor")
     error_of(bad, 422)
+
+
+async def test_a_reply_leaves_no_reference_cycle_behind(
+    served_chats: Served, fake_clerk: FakeClerk
+) -> None:
+    """The server's objects of a reply are freed as it ends, not by the garbage collector's
+    passes, which stop every stream (the client's own, httpx's, are not the server's)."""
+    someone = person(served_chats, fake_clerk)
+    chat_id = ndjson(await someone.send("Hello"))[-1]["chat_id"]
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for _ in range(3):  # the history, and its attachments, are read for each reply
+            ndjson(await someone.send("And then?", chat_id=chat_id))
+        gc.collect()
+        servers = ("aihub.", "sqlalchemy.", "starlette.", "fastapi.", "uvicorn.", "httpx2.")
+        left = [o for o in gc.garbage if type(o).__module__.startswith(servers)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert left == []
 
 
 async def test_a_browser_on_another_origin_can_read_every_header_meant_for_it(

@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import anyio
-from sqlalchemy import Connection, func, insert, select, update
+from sqlalchemy import Connection, bindparam, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from aihub.chats import context
@@ -160,18 +160,24 @@ async def list_messages(
     return MessagePage(newest, await attachments_of(session, [m.id for m in newest]), next_cursor)
 
 
+_ATTACHMENTS = (
+    select(ChatMessageFile.message_id, StoredFile)
+    .join(StoredFile, StoredFile.id == ChatMessageFile.file_id)
+    .where(ChatMessageFile.message_id.in_(bindparam("message_ids", expanding=True)))
+    .order_by(ChatMessageFile.message_id, ChatMessageFile.position)
+)
+"""Built once, its ids given at each execution: built for each reply, the statement's `IN`
+left a dozen objects in reference cycles (SQLAlchemy's copy of its parameter), freed only by
+the garbage collector."""
+
+
 async def attachments_of(
     session: AsyncSession, message_ids: Sequence[uuid.UUID]
 ) -> dict[uuid.UUID, list[StoredFile]]:
     found: dict[uuid.UUID, list[StoredFile]] = {message_id: [] for message_id in message_ids}
     if not message_ids:
         return found
-    rows = await session.execute(
-        select(ChatMessageFile.message_id, StoredFile)
-        .join(StoredFile, StoredFile.id == ChatMessageFile.file_id)
-        .where(ChatMessageFile.message_id.in_(message_ids))
-        .order_by(ChatMessageFile.message_id, ChatMessageFile.position)
-    )
+    rows = await session.execute(_ATTACHMENTS, {"message_ids": list(message_ids)})
     for message_id, stored in rows:
         found[message_id].append(stored)
     return found
