@@ -81,9 +81,12 @@ def paired_change(before: Arm, after: Arm) -> tuple[float, float, float] | None:
     if before.failures or after.failures or len(before.samples) != len(after.samples):
         return None
     changes = [a.ttft - b.ttft for a, b in zip(before.samples, after.samples, strict=True)]
-    draw = random.Random(0)
-    medians = sorted(statistics.median(draw.choices(changes, k=len(changes))) for _ in range(2000))
-    return statistics.median(changes), medians[50], medians[1949]
+    draw, resamples = random.Random(0), 2000
+    medians = sorted(
+        statistics.median(draw.choices(changes, k=len(changes))) for _ in range(resamples)
+    )
+    low, high = medians[int(resamples * 0.025)], medians[int(resamples * 0.975) - 1]
+    return statistics.median(changes), low, high
 
 
 def main() -> int:

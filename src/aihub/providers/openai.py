@@ -92,9 +92,9 @@ def _request_key() -> str:
     """A request's idempotency key, unique to this process and request, given so that the SDK
     does not make its own: its `uuid4()` reads the system's randomness with the GIL released,
     and the thread writing the stream's quota reservation, waiting for the GIL, then ran its job
-    (0.2-0.35 ms) before the request went out: 0.30 ms of a lone stream's first token
-    (`bench/compare.py`, 120 rounds). The OpenAI client sends no idempotency header, so this
-    only has to be unique should a version of the SDK send it."""
+    (0.2-0.35 ms) before the request went out. (At one stream the difference is within
+    `bench/compare.py`'s noise; see bench/README.md.) The OpenAI client sends no idempotency
+    header, so this only has to be unique should a version of the SDK send it."""
     return f"aihub-{_PROCESS_KEY}-{next(_REQUEST_KEYS)}"
 
 
