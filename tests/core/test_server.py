@@ -108,6 +108,20 @@ async def test_a_head_over_the_limit_is_refused_and_the_connection_closed(
         record.name == "aihub.server" and record.levelno == logging.WARNING
         for record in caplog.records
     )
+    # uvicorn's word for a malformed request is not said of one aihub refused.
+    assert not [record for record in caplog.records if record.name == "uvicorn.error"]
+
+
+async def test_a_malformed_request_is_still_uvicorn_s_to_answer_and_log(
+    limited: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with connection(limited) as (reader, writer):
+        writer.write(b"GET /api/health HTTP/1.1\r\nHost test\r\n\r\n")  # no colon
+        status, _, _ = await response(reader)
+    assert status == 400
+    assert [record.getMessage() for record in caplog.records if record.name == "uvicorn.error"] == [
+        "Invalid HTTP request received."
+    ]
 
 
 async def test_a_header_without_end_is_refused_before_it_ends(limited: Served) -> None:

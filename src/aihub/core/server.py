@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 from uvicorn.config import Config
@@ -100,8 +100,15 @@ class HeadWithBody(asyncio.Transport):
 
 
 class _HeadTooLarge(Exception):
-    """Raised in a parser callback to stop the parser: uvicorn then logs "Invalid HTTP request
-    received." and calls `send_400_response`, which sends the refusal instead."""
+    """Raised in a parser callback to stop the parser: uvicorn then calls `send_400_response`,
+    which sends the refusal instead."""
+
+
+_UNHEARD = logging.getLogger("aihub.server.unheard")
+"""Where the protocol's uvicorn logger points while a head too large stops the parser: uvicorn
+takes that for a malformed request and warns "Invalid HTTP request received." before the
+refusal, which logs what happened itself."""
+_UNHEARD.disabled = True
 
 
 class HeadLimitedProtocol(HttpToolsProtocol):
@@ -130,6 +137,7 @@ class HeadLimitedProtocol(HttpToolsProtocol):
         """Bytes of the current head's target and header fields, as the parser gave them."""
         self._refusal: int | None = None
         """The status the request was refused with."""
+        self._uvicorn_logger = self.logger
 
     def data_received(self, data: bytes) -> None:
         if self._received is not None:
@@ -149,15 +157,13 @@ class HeadLimitedProtocol(HttpToolsProtocol):
     def on_url(self, url: bytes) -> None:
         self._parsed += len(url)
         if self._parsed > self.max_head_bytes:
-            self._refusal = 414
-            raise _HeadTooLarge
+            self._stop_parsing(414)
         super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._parsed += len(name) + len(value) + 4  # ": " and the line's end
         if self._parsed > self.max_head_bytes:
-            self._refusal = 431
-            raise _HeadTooLarge
+            self._stop_parsing(431)
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
@@ -175,7 +181,13 @@ class HeadLimitedProtocol(HttpToolsProtocol):
         if self._refusal is None:
             super().send_400_response(msg)
         else:
+            self.logger = self._uvicorn_logger
             self._refuse(self._refusal)
+
+    def _stop_parsing(self, status: int) -> NoReturn:
+        self._refusal = status
+        self._uvicorn_logger, self.logger = self.logger, _UNHEARD
+        raise _HeadTooLarge
 
     def _refuse(self, status: int) -> None:
         self._refusal = status
