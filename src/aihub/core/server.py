@@ -186,7 +186,7 @@ class HeadLimitedProtocol(HttpToolsProtocol):
 
     def _stop_parsing(self, status: int) -> NoReturn:
         self._refusal = status
-        self._uvicorn_logger, self.logger = self.logger, _UNHEARD
+        self.logger = _UNHEARD  # `send_400_response` gives uvicorn's back
         raise _HeadTooLarge
 
     def _refuse(self, status: int) -> None:
