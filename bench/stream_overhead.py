@@ -526,38 +526,39 @@ def main() -> int:
                 pids=[process.pid for process in processes],
             )
         )
+
+        def phase(
+            title: str,
+            arms: tuple[Arm, Arm, Arm],
+            targets: dict[str, float],
+            rate: float | None = None,
+        ) -> bool:
+            """Report a phase (and its floor arm with `--floor`): whether aihub met `targets`."""
+            direct, aihub, floor = arms
+            met = report(title, direct, aihub, {} if chats else targets, rate=rate)
+            if args.floor:
+                report(
+                    "the same, through the floor relay (no targets)", direct, floor, {}, rate=rate
+                )
+            return met
+
         # A phase run for no streams (`--single 0`, `--rounds 0`) is not reported, nor judged.
         ok = True
         if args.single:
-            single_targets = {} if chats else {"ttft_p50": 0.003}
-            ok = report("1 stream at a time", *results.single[:2], single_targets)
-            if args.floor:
-                report(
-                    "the same, through the floor relay (no targets)",
-                    results.single[0],
-                    results.single[2],
-                    {},
-                )
-        direct, aihub, floor = results.concurrent
-        rate = args.streams / args.arrival
+            ok = phase("1 stream at a time", results.single, {"ttft_p50": 0.003})
         if args.rounds:
             ok = (
-                report(
+                phase(
                     f"{args.streams} streams arriving over {args.arrival:g} s",
-                    direct,
-                    aihub,
-                    {} if chats else {"ttft_p50": 0.025, "ttft_p99": 0.100, "gap_p99": 0.050},
-                    rate=rate,
+                    results.concurrent,
+                    {"ttft_p50": 0.025, "ttft_p99": 0.100, "gap_p99": 0.050},
+                    rate=args.streams / args.arrival,
                 )
                 and ok
             )
             if args.workers == 1:  # with more, `GET /metrics` is one worker's
                 collector = gc_report(results.collector["before"], results.collector["after"])
                 print(f"aihub's garbage collector over these rounds: {collector}")
-            if args.floor:
-                report(
-                    "the same, through the floor relay (no targets)", direct, floor, {}, rate=rate
-                )
         if chats:
             print("\nno targets for chats yet" + ("" if ok else " (failures)"))
         else:

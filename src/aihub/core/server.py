@@ -73,8 +73,7 @@ class HeadWithBody(asyncio.Transport):
             self._release(self._held + data)
 
     def _send_held(self) -> None:
-        if self._held is not None:
-            self._release(self._held)
+        self._release(self._held)
 
     def _release(self, data: bytes | None) -> None:
         """Write `data` (what was held, and whatever followed it), unless the connection is
@@ -89,7 +88,7 @@ class HeadWithBody(asyncio.Transport):
             self._transport.write(data)
 
     def close(self) -> None:
-        self._release(self._held)
+        self._send_held()
         self._transport.close()
 
     def is_closing(self) -> bool:
