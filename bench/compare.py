@@ -80,7 +80,8 @@ def paired_change(before: Arm, after: Arm) -> tuple[float, float, float] | None:
     failed (the rounds no longer pair up)."""
     if before.failures or after.failures or len(before.samples) != len(after.samples):
         return None
-    changes = [a.ttft - b.ttft for a, b in zip(before.samples, after.samples, strict=True)]
+    rounds = zip(before.samples, after.samples, strict=True)
+    changes = [new.ttft - old.ttft for old, new in rounds]
     draw, resamples = random.Random(0), 2000
     medians = sorted(
         statistics.median(draw.choices(changes, k=len(changes))) for _ in range(resamples)
